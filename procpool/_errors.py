@@ -1,0 +1,82 @@
+"""Errors raised by procpool.
+
+    ProcpoolError
+    ├── TaskTimeoutError (TimeoutError)      the task ran past its deadline and was killed
+    ├── TaskCancelledError (CancelledError)  the task was cancelled by the user or a shutdown
+    ├── WorkerLostError (ChildProcessError)  the worker running the task died (crash, signal, exit)
+    ├── RemoteTaskError                      the task raised an exception that could not travel back
+    ├── ExecutorShutdownError (RuntimeError) a call was made after shutdown()
+    └── BrokenPoolError (BrokenExecutor)     the manager process died: the pool cannot go on
+
+A task's own exception reaches the caller unchanged, with the worker's
+traceback attached as ``__cause__`` (a ``RemoteTraceback``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor, CancelledError
+
+__all__ = (
+    "BrokenPoolError",
+    "ExecutorShutdownError",
+    "ProcpoolError",
+    "RemoteTaskError",
+    "RemoteTraceback",
+    "TaskCancelledError",
+    "TaskTimeoutError",
+    "WorkerLostError",
+)
+
+
+class ProcpoolError(Exception):
+    """Base class of every error procpool raises on its own account."""
+
+
+class TaskTimeoutError(ProcpoolError, TimeoutError):
+    """The task ran past its deadline; its worker's process group was killed."""
+
+
+class TaskCancelledError(ProcpoolError, CancelledError):
+    """The task was cancelled before it could finish."""
+
+
+class WorkerLostError(ProcpoolError, ChildProcessError):
+    """The worker process running the task died before reporting a result."""
+
+
+class ExecutorShutdownError(ProcpoolError, RuntimeError):
+    """The executor was used after ``shutdown()``."""
+
+
+class BrokenPoolError(ProcpoolError, BrokenExecutor):
+    """The manager process that holds the queue died; no task can run any more."""
+
+
+class RemoteTaskError(ProcpoolError):
+    """The task raised an exception that could not be sent back as itself.
+
+    Attributes:
+        type_name: qualified name of the original exception type.
+        message: ``str()`` of the original exception.
+        traceback_text: the worker's formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[type[RemoteTaskError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's traceback text; set as ``__cause__`` of a task's error."""
+
+    def __init__(self, traceback_text: str) -> None:
+        super().__init__(traceback_text)
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback_text}"""'

@@ -1,0 +1,387 @@
+"""The public executor: validates, pickles and queues; the supervisor does the rest.
+
+    user threads ── submit ──▶ DistributedExecutor ── put ──▶ manager queue
+                                  │  (creates the task record, counts it)
+                                  └── commands ──▶ supervisor thread (owns state)
+    get_stats() reads the shared-memory block directly: no IPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from ._callbacks import Callbacks
+from ._config import Config, check_positive, check_priority
+from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
+from ._metrics import MetricsBlock, read_snapshot
+from ._states import TERMINAL, TaskPriority, TaskStatus
+from ._supervisor import Supervisor
+from ._task import Task, TaskFuture, TaskRecord
+
+__all__ = ("DistributedExecutor", "get_distributed_executor")
+
+_START_TIMEOUT = 60.0  # seconds for the manager and first workers to come up
+_CANCEL_POLL = 0.1  # seconds between checks that the supervisor still runs
+
+
+class DistributedExecutor(concurrent.futures.Executor):
+    """A process pool with priorities, hard per-task deadlines, retries and live stats.
+
+    Every task runs in a worker process that is its own process group. A task
+    past its deadline has its whole group killed (SIGTERM, then SIGKILL after
+    ``kill_grace``); a worker that dies is replaced at once and only its task
+    is retried. Also a ``concurrent.futures.Executor``.
+
+    Args:
+        max_local_workers: worker processes on this machine.
+        task_timeout: default deadline in seconds for each attempt of a task.
+        enable_remote: allow remote workers (see ``add_remote_worker``).
+        max_retries: extra attempts for a task whose worker died or that raised.
+        max_tasks_per_worker: replace a worker after this many tasks (1: a fresh
+            process per task); None keeps workers for the executor's life.
+        kill_grace: seconds between SIGTERM and SIGKILL when killing a task.
+        start_method: "fork" (default on Linux), "spawn" or "forkserver".
+
+    Raises:
+        ValueError, TypeError: a setting is out of range or of the wrong type.
+    """
+
+    def __init__(
+        self,
+        max_local_workers: int = 3,
+        task_timeout: float = 300,
+        enable_remote: bool = False,
+        max_retries: int = 3,
+        *,
+        max_tasks_per_worker: int | None = None,
+        kill_grace: float = 0.5,
+        start_method: str | None = None,
+    ) -> None:
+        self._config = Config.build(
+            max_local_workers=max_local_workers,
+            task_timeout=task_timeout,
+            enable_remote=enable_remote,
+            max_retries=max_retries,
+            max_tasks_per_worker=max_tasks_per_worker,
+            kill_grace=kill_grace,
+            start_method=start_method,
+        )
+        self._authkey = os.urandom(32)
+        self._tasks: dict[str, Task] = {}
+        self._seq = itertools.count(1)
+        self._submit_lock = threading.Lock()  # orders submissions against shutdown and breakage
+        self._closed: BaseException | None = None  # why no more submissions are taken
+        self._final_stats: dict[str, Any] | None = None
+        self._finish_lock = threading.Lock()
+        self._callbacks = Callbacks()
+        self._metrics = MetricsBlock(self._config.max_local_workers)
+        self._supervisor = Supervisor(self)
+        self._supervisor.start()
+        if not self._supervisor.ready.wait(_START_TIMEOUT) or self._supervisor.start_error:
+            self._supervisor.join(_START_TIMEOUT)
+            self._metrics.close()
+            raise BrokenPoolError(
+                f"the executor could not start: {self._supervisor.start_error!r}"
+            ) from self._supervisor.start_error
+        assert self._supervisor.queue is not None
+        self._queue = self._supervisor.queue
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    def __repr__(self) -> str:
+        state = "running" if self._closed is None else "closed"
+        return f"<DistributedExecutor {state} workers={self._config.max_local_workers} tasks={len(self._tasks)}>"
+
+    # -- submitting ----------------------------------------------------------
+
+    def submit_task(
+        self,
+        function: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        priority: TaskPriority = TaskPriority.NORMAL,
+        timeout: float | None = None,
+    ) -> str:
+        """Queue ``function(*args, **kwargs)`` and return its task id.
+
+        Args:
+            priority: URGENT runs before HIGH, then NORMAL, then LOW; FIFO within one.
+            timeout: deadline in seconds for each attempt (default ``task_timeout``).
+
+        Raises:
+            TypeError: ``function`` is not callable, or it or its arguments cannot be pickled.
+            ValueError: unknown priority, or a timeout that is not above zero.
+            ExecutorShutdownError: after ``shutdown()``. BrokenPoolError: the pool broke.
+        """
+        return self._submit_many([(function, args, kwargs)], priority, timeout)[0].task_id
+
+    def submit_batch(
+        self,
+        tasks: Iterable[tuple[Any, ...]],
+        priority: TaskPriority = TaskPriority.NORMAL,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Queue many ``(function, args, kwargs)`` tuples in one step; returns their ids.
+
+        Every item is checked and pickled before any is queued, so a bad item
+        queues nothing. Raises as ``submit_task`` does, naming the bad item.
+        """
+        items = []
+        for index, item in enumerate(tasks):
+            if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
+                raise ValueError(f"batch item {index} must be a (function, args, kwargs) tuple, not {item!r}")
+            items.append(item + ((), None)[len(item) - 1 :])
+        return [task.task_id for task in self._submit_many(items, priority, timeout, batch=True)]
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """``concurrent.futures.Executor.submit``: queue at NORMAL priority, return a Future."""
+        return self._submit_many([(fn, args, kwargs)], TaskPriority.NORMAL, None)[0].future
+
+    async def run_async(
+        self,
+        function: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        priority: TaskPriority = TaskPriority.NORMAL,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a task from asyncio code and return its result (raises its error).
+
+        Cancelling the awaiting coroutine cancels the task (killing it if running).
+        """
+        task = self._submit_many([(function, args, kwargs)], priority, timeout)[0]
+        return await asyncio.wrap_future(task.future)
+
+    def _submit_many(
+        self, items: Sequence[tuple[Any, Any, Any]], priority: object, timeout: float | None, batch: bool = False
+    ) -> list[Task]:
+        prio = check_priority(priority)
+        deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
+        payloads = [_pickle(f"batch item {i}: " if batch else "", *item) for i, item in enumerate(items)]
+        now = time.time()
+        with self._submit_lock:
+            if self._closed is not None:
+                raise self._closed
+            tasks = []
+            for (fn, _, _), payload in zip(items, payloads, strict=True):
+                seq = next(self._seq)
+                task_id = f"task-{seq}"
+                future = TaskFuture(task_id, self)
+                tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now))
+            self._count_new(tasks, +1)
+            for task in tasks:
+                self._tasks[task.task_id] = task
+            try:
+                self._queue.put_many([(int(prio), t.seq, t.task_id, 1, t.payload) for t in tasks])  # type: ignore[misc]
+            except (OSError, EOFError) as exc:
+                for task in tasks:
+                    del self._tasks[task.task_id]
+                self._count_new(tasks, -1)
+                raise BrokenPoolError("the procpool manager process is gone; create a new executor") from exc
+        return tasks
+
+    def _count_new(self, tasks: list[Task], sign: int) -> None:
+        counters = self._metrics.counters
+        with self._metrics.header_lock:
+            counters.total += sign * len(tasks)
+            counters.pending += sign * len(tasks)
+            depth = list(counters.depth)
+            for task in tasks:
+                depth[task.priority] += sign
+            counters.depth = tuple(depth)  # type: ignore[assignment]
+        self._metrics.publish()
+
+    # -- results ---------------------------------------------------------------
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """A snapshot of the task. Raises KeyError for an unknown id."""
+        return self._task(task_id).record
+
+    def get_task_result(self, task_id: str, wait: bool = True, timeout: float | None = 30) -> Any:
+        """The task's return value.
+
+        Args:
+            wait: if False and the task is unfinished, return None at once.
+            timeout: seconds to wait; None waits for ever.
+
+        Raises:
+            KeyError: unknown id. TimeoutError: unfinished after ``timeout``.
+            The task's own exception, TaskTimeoutError, TaskCancelledError or
+            WorkerLostError when it did not complete.
+        """
+        future = self._task(task_id).future
+        if not wait and not future.done():
+            return None
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            error = self._tasks[task_id].record.error
+            raise error if error is not None else TaskCancelledError(f"task {task_id} was cancelled") from None
+        except TimeoutError:
+            if future.done():
+                raise
+            raise TimeoutError(f"task {task_id} has not finished after {timeout} s") from None
+
+    def wait_for_tasks(self, task_ids: Sequence[str], timeout: float | None = 60) -> list[Any]:
+        """Wait for tasks; return their results in order, with the error object in place of a failure.
+
+        Raises:
+            KeyError: an unknown id. TimeoutError: some are unfinished after ``timeout``.
+        """
+        tasks = [self._task(task_id) for task_id in task_ids]
+        _, pending = concurrent.futures.wait([t.future for t in tasks], timeout)
+        if pending:
+            ids = [t.task_id for t in tasks if t.future in pending]
+            raise TimeoutError(f"{len(ids)} of {len(tasks)} tasks unfinished after {timeout} s: {ids[:10]}")
+        return [t.record.result if t.record.status is TaskStatus.COMPLETED else t.record.error for t in tasks]
+
+    def cancel_task(self, task_id: str) -> bool:
+        """Cancel a task: a queued one is dropped, a running one is killed with its group.
+
+        Returns False if the task had already finished. Raises KeyError for an unknown id.
+        """
+        if self._task(task_id).status in TERMINAL:
+            return False
+        reply: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                reply.set_result(self._supervisor.cancel(task_id))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                reply.set_exception(exc)
+
+        self._supervisor.call(run)
+        while True:
+            try:
+                return reply.result(_CANCEL_POLL)
+            except TimeoutError:
+                if not self._supervisor.is_alive():
+                    return False  # it ended, and every task with it
+
+    def _task(self, task_id: str) -> Task:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise KeyError(f"unknown task id {task_id!r}") from None
+
+    # -- callbacks and stats ---------------------------------------------------
+
+    def register_callback(self, event: str, callback: Callable[[TaskRecord], object]) -> None:
+        """Call ``callback(record)`` on "task_complete", "task_failed", "task_retrying" or "task_cancelled".
+
+        Callbacks run on one background thread, in event order; one that
+        raises is logged and changes nothing else.
+
+        Raises:
+            ValueError: unknown event. TypeError: ``callback`` is not callable.
+        """
+        self._callbacks.register(event, callback)
+
+    def get_stats(self) -> dict[str, Any]:
+        """Counts of tasks by state, per-worker figures and queue depth, read from shared memory.
+
+        Makes no IPC call. ``total_tasks`` always equals pending + running +
+        completed + failed + cancelled.
+        """
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        buf = self._metrics.shm.buf
+        assert buf is not None
+        stats = read_snapshot(buf)
+        workers = stats["workers"]
+        stats["active_workers"] = sum(1 for w in workers.values() if w["active"])
+        stats["total_workers"] = len(workers)
+        stats["metrics_block"] = self._metrics.name
+        return stats
+
+    @property
+    def metrics_block(self) -> str:
+        """Name of the shared-memory block that other processes can watch."""
+        return self._metrics.name
+
+    # -- ending ----------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks and end the pool once queued tasks are done. Idempotent.
+
+        Args:
+            wait: block until every task has finished and every process is gone.
+            cancel_futures: cancel queued tasks instead of running them.
+        """
+        with self._submit_lock:
+            if self._closed is None:
+                self._closed = ExecutorShutdownError("cannot submit tasks after shutdown()")
+        self._supervisor.call(lambda: self._supervisor.close(cancel_futures))
+        if wait:
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="procpool-shutdown", daemon=True).start()
+
+    def _finish(self) -> None:
+        with self._finish_lock:
+            if self._final_stats is not None:
+                return
+            self._supervisor.join()
+            self._callbacks.close()
+            stats = self.get_stats()
+            for worker in stats["workers"].values():
+                worker.update(active=False, state="stopped", current_task=None)
+            stats["active_workers"] = 0
+            self._final_stats = stats
+            self._metrics.close()
+
+    def _mark_broken(self, error: BrokenPoolError) -> list[Task]:
+        """Refuse new tasks from now on; returns the tasks known at that moment."""
+        with self._submit_lock:
+            self._closed = error
+            return list(self._tasks.values())
+
+
+def _pickle(where: str, fn: Any, args: Any, kwargs: Any) -> bytes:
+    if not callable(fn):
+        raise TypeError(f"{where}function must be callable, not {type(fn).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"{where}args must be a tuple or list, not {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"{where}kwargs must be a dict or None, not {type(kwargs).__name__}")
+    try:
+        return cloudpickle.dumps((fn, tuple(args), kwargs or {}))  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise TypeError(f"{where}cannot pickle task {_name(fn)} or its arguments: {exc}") from exc
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _shutdown_at_exit(ref: weakref.ref[DistributedExecutor]) -> None:
+    executor = ref()
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
+_default: DistributedExecutor | None = None
+_default_lock = threading.Lock()
+
+
+def get_distributed_executor(max_workers: int = 3, enable_remote: bool = False, **options: Any) -> DistributedExecutor:
+    """The process-wide default executor, created on first call (``max_workers`` local workers).
+
+    Later calls return the same object, their arguments ignored, until it is
+    shut down; a call after that creates a new one.
+    """
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed is not None:
+            _default = DistributedExecutor(max_local_workers=max_workers, enable_remote=enable_remote, **options)
+        return _default

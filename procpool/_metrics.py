@@ -1,0 +1,304 @@
+"""The shared-memory metrics block: layout, writers and the lock-free reader.
+
+Layout, version 1 (little-endian, all offsets in bytes)::
+
+    header   0..256    magic "PROCPOOL", version, slot count, creator pid,
+                       created (wall clock), then a seqlock section written by
+                       the caller only: task counters and queue depth per priority
+    slot i   256 + i*256, 256 bytes each, three sections:
+      +0    supervisor section (writer: the caller's supervisor thread)
+            seq, name, kind, active, pid, created (monotonic), restarts, lost
+      +96   worker section (writer: the worker process in that slot)
+            seq, pid, state, current task id, task started (monotonic),
+            completed, failed, busy seconds, heartbeat (monotonic)
+      +224  reserved for the manager's memory figures
+
+Every section opens with a sequence counter (seqlock): its single writer
+makes it odd, writes, then makes it even again. A reader copies the block,
+then checks that each section's counter was even and has not moved; a section
+that moved is copied again. No lock is shared between processes, so a writer
+killed mid-write can never block anyone: the next writer of that section
+(a replacement worker) resets its counter to even.
+
+The block is created with mode 0600 (``SharedMemory``'s default) under a
+``procpool-`` name, so other processes of the same user can find and watch it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+__all__ = (
+    "HeaderCounters",
+    "MetricsBlock",
+    "SlotWriter",
+    "WorkerState",
+    "read_snapshot",
+)
+
+MAGIC = b"PROCPOOL"
+VERSION = 1
+NAME_PREFIX = "procpool-"
+HEADER_SIZE = 256
+SLOT_SIZE = 256
+_READ_ATTEMPTS = 1000  # a torn section is re-read this often before giving up on it
+
+_PREAMBLE = struct.Struct("<8sIIqd")  # magic, version, slots, creator pid, created
+_COUNTERS = struct.Struct("<Q7qdq4q")  # seq, 7 counters, exec sum, exec count, depth x4
+_COUNTERS_AT = 32
+_SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqq")  # seq name kind active pid created restarts lost
+_SUPERVISOR_AT = 0
+_WORKER = struct.Struct("<QqB7x40sdqqdd")  # seq pid state task started completed failed busy hb
+_WORKER_AT = 96
+_SEQ = struct.Struct("<Q")
+
+KIND_NAMES = {0: "empty", 1: "local", 2: "remote_ssh"}
+
+
+class WorkerState:
+    """Worker section ``state`` values."""
+
+    STARTING = 0
+    IDLE = 1
+    RUNNING = 2
+    STOPPED = 3
+    NAMES = ("starting", "idle", "running", "stopped")
+
+
+@dataclass(slots=True)
+class HeaderCounters:
+    """Pool totals kept by the caller. Invariant: total = pending+running+completed+failed+cancelled."""
+
+    total: int = 0
+    pending: int = 0  # PENDING and RETRYING
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    retried: int = 0  # retries scheduled, over all tasks
+    exec_time_sum: float = 0.0
+    exec_count: int = 0
+    depth: tuple[int, int, int, int] = (0, 0, 0, 0)  # pending by priority, URGENT first
+
+
+class _Section:
+    """One seqlock section with a single writer in this process."""
+
+    def __init__(self, buf: memoryview, offset: int, layout: struct.Struct) -> None:
+        self._buf = buf
+        self._offset = offset
+        self._layout = layout
+        seq = _SEQ.unpack_from(buf, offset)[0]
+        self._seq = seq + (seq & 1)  # a writer killed mid-write left it odd
+
+    def write(self, *values: Any) -> None:
+        seq = self._seq
+        _SEQ.pack_into(self._buf, self._offset, seq + 1)
+        self._layout.pack_into(self._buf, self._offset, seq + 1, *values)
+        self._seq = seq + 2
+        _SEQ.pack_into(self._buf, self._offset, seq + 2)
+
+    def read_own(self) -> tuple[Any, ...]:
+        """Read back the values (for a writer resuming a slot)."""
+        return self._layout.unpack_from(self._buf, self._offset)[1:]
+
+
+class MetricsBlock:
+    """The block as its creator (the executor) holds it."""
+
+    def __init__(self, slots: int) -> None:
+        size = HEADER_SIZE + SLOT_SIZE * slots
+        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        self.name = self.shm.name
+        self.slots = slots
+        buf = self.shm.buf
+        assert buf is not None
+        _PREAMBLE.pack_into(buf, 0, MAGIC, VERSION, slots, os.getpid(), time.time())
+        self._header = _Section(buf, _COUNTERS_AT, _COUNTERS)
+        self._header_lock = threading.Lock()  # submitters and the supervisor share one writer
+        self.counters = HeaderCounters()
+        self.publish()
+
+    def publish(self) -> None:
+        """Write ``counters`` to the header (call after changing them)."""
+        c = self.counters
+        with self._header_lock:
+            self._header.write(
+                c.total, c.pending, c.running, c.completed, c.failed, c.cancelled,
+                c.retried, c.exec_time_sum, c.exec_count, *c.depth,
+            )  # fmt: skip
+
+    @property
+    def header_lock(self) -> threading.Lock:
+        """Held while changing ``counters`` so a change and its publication are atomic."""
+        return self._header_lock
+
+    def supervisor_section(self, slot: int) -> _Section:
+        """The supervisor's writer for ``slot``."""
+        assert 0 <= slot < self.slots
+        buf = self.shm.buf
+        assert buf is not None
+        return _Section(buf, HEADER_SIZE + slot * SLOT_SIZE + _SUPERVISOR_AT, _SUPERVISOR)
+
+    def close(self) -> None:
+        """Release and unlink the block. Safe to call twice."""
+        if self.shm is None:  # type: ignore[comparison-overlap]
+            return
+        shm, self.shm = self.shm, None  # type: ignore[assignment]
+        shm.close()
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class SlotWriter:
+    """A worker's writer for its own slot; resumes the counts of the slot's earlier process."""
+
+    def __init__(self, shm_name: str, slot: int) -> None:
+        self._shm = attach(shm_name)
+        buf = self._shm.buf
+        assert buf is not None
+        self._section = _Section(buf, HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT, _WORKER)
+        _, _, _, _, self.completed, self.failed, self.busy, _ = self._section.read_own()
+        self.pid = os.getpid()
+
+    def idle(self) -> None:
+        """Mark the worker idle and beat its heart."""
+        now = time.monotonic()
+        self._section.write(
+            self.pid, WorkerState.IDLE, b"", 0.0, self.completed, self.failed, self.busy, now
+        )
+
+    def running(self, task_id: str) -> None:
+        """Mark the worker busy with ``task_id``."""
+        now = time.monotonic()
+        self._section.write(
+            self.pid, WorkerState.RUNNING, task_id.encode()[:40], now,
+            self.completed, self.failed, self.busy, now,
+        )  # fmt: skip
+
+    def finished(self, ok: bool, elapsed: float) -> None:
+        """Count a task the worker ran to the end (returned or raised)."""
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self.busy += elapsed
+        self.idle()
+
+    def close(self) -> None:
+        """Detach (never unlinks: the block belongs to the executor)."""
+        self._shm.close()
+
+
+def attach(name: str) -> shared_memory.SharedMemory:
+    """Attach to an existing block by name; refuses a block of another layout version."""
+    shm = shared_memory.SharedMemory(name=name)
+    buf = shm.buf
+    assert buf is not None
+    magic, version = _PREAMBLE.unpack_from(buf, 0)[:2]
+    if magic != MAGIC or version != VERSION:
+        shm.close()
+        raise ValueError(
+            f"shared-memory block {name!r} is not a procpool metrics block of layout "
+            f"version {VERSION} (magic {magic!r}, version {version}); is the procpool "
+            f"that created it a different release?"
+        )
+    return shm
+
+
+def active_worker_pids(name: str) -> list[int]:
+    """PIDs of the workers a block lists as active (for cleanup by another process)."""
+    shm = attach(name)
+    try:
+        buf = shm.buf
+        assert buf is not None
+        slots = _PREAMBLE.unpack_from(buf, 0)[2]
+        pids = []
+        for slot in range(slots):
+            at = HEADER_SIZE + slot * SLOT_SIZE + _SUPERVISOR_AT
+            sup = _SUPERVISOR.unpack(_consistent_copy(buf, at, _SUPERVISOR.size))
+            if sup[3] and sup[4] > 0:
+                pids.append(sup[4])
+        return pids
+    finally:
+        shm.close()
+
+
+def _consistent_copy(buf: memoryview, start: int, size: int) -> bytes:
+    """Copy one section, retrying while its writer is mid-write."""
+    data = bytes(buf[start : start + size])
+    for _ in range(_READ_ATTEMPTS):
+        seq = _SEQ.unpack_from(data)[0]
+        if not seq & 1 and _SEQ.unpack_from(buf, start)[0] == seq:
+            return data
+        data = bytes(buf[start : start + size])
+    return data  # its writer died mid-write; the figures may be torn
+
+
+def read_snapshot(buf: memoryview) -> dict[str, Any]:
+    """Read the whole block into plain data, consistently per section, with no IPC."""
+    snap = bytes(buf)
+    _, version, slots, creator, created = _PREAMBLE.unpack_from(snap, 0)
+    header = _consistent_copy(buf, _COUNTERS_AT, _COUNTERS.size)
+    (_, total, pending, running, completed, failed, cancelled, retried,
+     exec_sum, exec_count, *depth) = _COUNTERS.unpack(header)  # fmt: skip
+    workers: dict[str, dict[str, Any]] = {}
+    now = time.monotonic()
+    for slot in range(slots):
+        base = HEADER_SIZE + slot * SLOT_SIZE
+        sup = _checked(snap, buf, base + _SUPERVISOR_AT, _SUPERVISOR)
+        if sup[2] == 0:
+            continue
+        wrk = _checked(snap, buf, base + _WORKER_AT, _WORKER)
+        workers[sup[1].rstrip(b"\0").decode()] = _worker_view(sup, wrk, now)
+    return {
+        "version": version,
+        "creator_pid": creator,
+        "created": created,
+        "total_tasks": total,
+        "pending_tasks": pending,
+        "running_tasks": running,
+        "completed_tasks": completed,
+        "failed_tasks": failed,
+        "cancelled_tasks": cancelled,
+        "retried_tasks": retried,
+        "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
+        "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
+        "workers": workers,
+    }
+
+
+def _checked(snap: bytes, buf: memoryview, start: int, layout: struct.Struct) -> tuple[Any, ...]:
+    seq = _SEQ.unpack_from(snap, start)[0]
+    if not seq & 1 and _SEQ.unpack_from(buf, start)[0] == seq:
+        return layout.unpack_from(snap, start)
+    return layout.unpack(_consistent_copy(buf, start, layout.size))
+
+
+def _worker_view(sup: tuple[Any, ...], wrk: tuple[Any, ...], now: float) -> dict[str, Any]:
+    _, _, kind, active, pid, created, restarts, lost = sup
+    _, _, state, task, _, completed, failed, busy, heartbeat = wrk
+    running = state == WorkerState.RUNNING and bool(active)
+    age = max(now - created, 1e-9)
+    return {
+        "type": KIND_NAMES.get(kind, "unknown"),
+        "active": bool(active),
+        "state": WorkerState.NAMES[state] if active else "stopped",
+        "current_task": task.rstrip(b"\0").decode() if running else None,
+        "completed": completed,
+        "failed": failed + lost,
+        "load": round(min(busy / age, 1.0), 3),
+        "pid": pid,
+        "restarts": restarts,
+        "heartbeat_age": round(now - heartbeat, 3) if heartbeat else None,
+    }

@@ -1,0 +1,101 @@
+"""Process edges: the parent-death guard and the one place that signals processes.
+
+Every worker is the leader of its own process group (pgid == pid), so a
+signal to the group reaches whatever the task started. A descendant that
+left the group (``setsid``) is found with psutil before the group is
+signalled and gets the same signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+
+import psutil
+
+__all__ = (
+    "escapees",
+    "kill_worker_groups",
+    "set_parent_death_signal",
+    "signal_group",
+    "stop_group",
+)
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent thread ends.
+
+    Returns False where prctl is not available (the caller then relies on the
+    orderly shutdown and on the manager's cleanup).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0  # type: ignore[no-any-return]
+
+
+def escapees(pid: int) -> list[psutil.Process]:
+    """Descendants of ``pid`` that left its process group (they would miss a group signal)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            if os.getpgid(child.pid) != pid:
+                out.append(child)
+        except OSError:
+            continue
+    return out
+
+
+def signal_group(pgid: int, signum: int, strays: Iterable[psutil.Process] = ()) -> None:
+    """Send ``signum`` to process group ``pgid`` and to ``strays``. Never raises."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for proc in strays:
+        try:
+            proc.send_signal(signum)  # psutil checks the PID was not reused
+        except psutil.Error:
+            pass
+
+
+def stop_group(pgid: int, grace: float, wait_exit: Callable[[float], bool]) -> None:
+    """Terminate a process group, wait up to ``grace`` for its leader, then kill the rest.
+
+    ``wait_exit(timeout)`` tells whether the leader has exited. The final
+    SIGKILL sweeps whatever the leader left behind in its group. Never raises.
+    The supervisor runs the same ladder step by step so it never blocks.
+    """
+    strays = escapees(pgid)
+    signal_group(pgid, signal.SIGTERM, strays)
+    if not wait_exit(grace):
+        log.warning("process %d outlived SIGTERM by %.2f s; sending SIGKILL", pgid, grace)
+    signal_group(pgid, signal.SIGKILL, strays)
+
+
+def kill_worker_groups(shm_name: str) -> None:
+    """SIGKILL the group of every active worker listed in a metrics block. Never raises.
+
+    Run by the manager process when the caller died without shutting down.
+    """
+    from ._metrics import active_worker_pids
+
+    try:
+        pids = active_worker_pids(shm_name)
+    except Exception:  # the block is gone: nothing to find the workers by
+        return
+    for pid in pids:
+        signal_group(pid, signal.SIGKILL)

@@ -1,0 +1,175 @@
+"""The priority queue, served from a ``multiprocessing`` manager process.
+
+    caller (submit)  ── put / put_many ──▶  TaskQueue  ◀── take (blocks) ──  worker
+    supervisor       ── cancel / release / close ──▶
+
+- Order: (priority, seq); seq is the submission number, so FIFO within a
+  level, and a retry put back with its original seq keeps its place.
+- Leases: ``take`` hands one attempt to one worker and records the lease;
+  the worker's next ``take`` ends it. A worker holds at most the one task it
+  runs: there is no prefetch to defeat priorities.
+- ``release`` retires a worker (its later ``take`` calls get STOP) and returns
+  the lease it held, so a task taken by a worker that died before saying so
+  is never lost.
+
+The manager process ignores SIGINT (the caller shuts it down) and, if the
+caller dies, receives SIGTERM (parent-death signal) and kills every worker's
+process group before exiting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import signal
+import threading
+from multiprocessing.managers import BaseManager, BaseProxy
+from typing import Any
+
+from ._process import kill_worker_groups, set_parent_death_signal
+
+__all__ = ("STOP", "QueueManager", "TaskQueue", "TaskQueueProxy", "connect_queue")
+
+STOP = "stop"  # what ``take`` returns when the worker must exit
+
+Lease = tuple[str, int]  # task id, attempt
+Item = tuple[int, int, str, int, bytes]  # priority, seq, task id, attempt, payload
+
+
+class TaskQueue:
+    """Priority queue with leases. Lives in the manager process; one lock guards it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[int, int, str, int]] = []
+        self._payloads: dict[str, tuple[int, bytes]] = {}  # task id -> (attempt, payload)
+        self._leases: dict[str, Lease] = {}  # worker -> lease it holds
+        self._retired: set[str] = set()
+        self._closed = False
+
+    def put(self, priority: int, seq: int, task_id: str, attempt: int, payload: bytes) -> None:
+        """Queue one attempt of a task."""
+        with self._cond:
+            self._push(priority, seq, task_id, attempt, payload)
+            self._cond.notify()
+
+    def put_many(self, items: list[Item]) -> None:
+        """Queue many attempts in one call."""
+        with self._cond:
+            for item in items:
+                self._push(*item)
+            self._cond.notify(len(items))
+
+    def _push(self, priority: int, seq: int, task_id: str, attempt: int, payload: bytes) -> None:
+        self._payloads[task_id] = (attempt, payload)
+        heapq.heappush(self._heap, (priority, seq, task_id, attempt))
+
+    def take(self, worker: str, timeout: float) -> tuple[str, int, bytes] | str | None:
+        """Lease the next task to ``worker``; None after ``timeout``; STOP to exit."""
+        with self._cond:
+            self._leases.pop(worker, None)  # its previous task is finished
+            while True:
+                if self._closed or worker in self._retired:
+                    return STOP
+                while self._heap:
+                    _, _, task_id, attempt = heapq.heappop(self._heap)
+                    entry = self._payloads.get(task_id)
+                    if entry is None or entry[0] != attempt:
+                        continue  # cancelled, or superseded by a later put
+                    del self._payloads[task_id]
+                    self._leases[worker] = (task_id, attempt)
+                    return task_id, attempt, entry[1]
+                if not self._cond.wait(timeout):
+                    return None
+
+    def cancel(self, task_id: str) -> str | None:
+        """Drop a queued task. Returns "removed", the name of the worker leasing it, or None."""
+        with self._cond:
+            if self._payloads.pop(task_id, None) is not None:
+                return "removed"
+            for worker, (leased, _) in self._leases.items():
+                if leased == task_id:
+                    return worker
+            return None
+
+    def release(self, worker: str) -> Lease | None:
+        """Retire ``worker`` and return the lease it held, if any."""
+        with self._cond:
+            self._retired.add(worker)
+            return self._leases.pop(worker, None)
+
+    def depth(self) -> int:
+        """Number of queued attempts."""
+        with self._cond:
+            return len(self._payloads)
+
+    def close(self) -> None:
+        """Make every ``take`` return STOP from now on."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class TaskQueueProxy(BaseProxy):
+    """Explicit proxy: no method discovery round trip, typed methods."""
+
+    _exposed_ = ("put", "put_many", "take", "cancel", "release", "depth", "close")
+
+    def put(self, priority: int, seq: int, task_id: str, attempt: int, payload: bytes) -> None:
+        self._callmethod("put", (priority, seq, task_id, attempt, payload))
+
+    def put_many(self, items: list[Item]) -> None:
+        self._callmethod("put_many", (items,))
+
+    def take(self, worker: str, timeout: float) -> tuple[str, int, bytes] | str | None:
+        return self._callmethod("take", (worker, timeout))  # type: ignore[no-any-return]
+
+    def cancel(self, task_id: str) -> str | None:
+        return self._callmethod("cancel", (task_id,))  # type: ignore[no-any-return]
+
+    def release(self, worker: str) -> Lease | None:
+        return self._callmethod("release", (worker,))  # type: ignore[no-any-return]
+
+    def depth(self) -> int:
+        return self._callmethod("depth")  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._callmethod("close")
+
+
+_queue: TaskQueue | None = None
+
+
+def _shared_queue() -> TaskQueue:
+    # Runs in the manager process: every proxy refers to this one queue.
+    global _queue
+    if _queue is None:
+        _queue = TaskQueue()
+    return _queue
+
+
+class QueueManager(BaseManager):
+    """The manager process serving the one TaskQueue."""
+
+
+QueueManager.register("get_queue", callable=_shared_queue, proxytype=TaskQueueProxy)
+
+
+def init_manager(parent_pid: int, shm_name: str) -> None:
+    """Initializer run in the manager process before it serves."""
+    set_parent_death_signal(signal.SIGTERM)
+
+    def on_parent_death(signum: int, frame: Any) -> None:
+        kill_worker_groups(shm_name)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_parent_death)
+    if os.getppid() != parent_pid:  # the caller died before the signal was armed
+        on_parent_death(signal.SIGTERM, None)
+
+
+def connect_queue(address: Any, authkey: bytes) -> TaskQueueProxy:
+    """Connect to a running manager and return its queue (used in workers)."""
+    manager = QueueManager(address=address, authkey=authkey)
+    manager.connect()
+    return manager.get_queue()  # type: ignore[attr-defined,no-any-return]

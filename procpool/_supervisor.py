@@ -1,0 +1,501 @@
+"""The supervisor thread: the one writer of task and worker state.
+
+    submitters ── put ──▶ manager queue ◀── take ── workers
+         │                                           │ started / done (pipe)
+         └─ commands (cancel, shutdown) ─▶ supervisor ◀┘ + process sentinels
+                                             │ kill ladder, respawn, retries
+                                             └─▶ futures, callbacks, metrics header
+
+- It waits on result pipes, process sentinels, the manager's sentinel and a
+  wake-up pipe at once (``multiprocessing.connection.wait``), with a timeout
+  equal to the next timer (deadline, SIGKILL escalation or respawn).
+- Tasks change state only here (``_move``); submitters only create them.
+- Leases: a result counts only for the task's current attempt, and only
+  from a worker that is not being killed, so no task completes twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import cloudpickle
+
+from ._errors import (
+    BrokenPoolError,
+    RemoteTaskError,
+    RemoteTraceback,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from ._process import escapees, signal_group, stop_group
+from ._queue import QueueManager, TaskQueueProxy, init_manager
+from ._scheduling import Timers, describe_exit, should_retry
+from ._states import TERMINAL, TaskStatus, advance
+from ._task import Task, TaskRecord
+from ._worker import WorkerSpec, run_worker
+
+log = logging.getLogger(__name__)
+
+_EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
+_RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
+_BUCKET = {
+    TaskStatus.PENDING: "pending",
+    TaskStatus.RETRYING: "pending",
+    TaskStatus.RUNNING: "running",
+    TaskStatus.COMPLETED: "completed",
+    TaskStatus.FAILED: "failed",
+    TaskStatus.CANCELLED: "cancelled",
+}
+EVENT_OF = {
+    TaskStatus.COMPLETED: "task_complete",
+    TaskStatus.FAILED: "task_failed",
+    TaskStatus.RETRYING: "task_retrying",
+    TaskStatus.CANCELLED: "task_cancelled",
+}
+
+
+@dataclass(slots=True)
+class Worker:
+    """A live worker process, as the supervisor sees it."""
+
+    name: str
+    slot: int
+    process: Any  # multiprocessing.Process (BaseProcess)
+    conn: Connection
+    lease: tuple[str, int] | None = None  # task id and attempt it said it started
+    doom: str | None = None  # why it is being killed: "timeout" or "cancel"
+    strays: list[Any] = field(default_factory=list)  # descendants outside its group
+    ran_any: bool = False  # it reported at least one task (for the respawn backoff)
+
+
+class Supervisor(threading.Thread):
+    """Owns workers, deadlines and task state; see the module docstring."""
+
+    def __init__(self, executor: Any) -> None:
+        super().__init__(name="procpool-supervisor", daemon=True)
+        self.ex = executor
+        self.cfg = executor._config
+        self.metrics = executor._metrics
+        self.ready = threading.Event()
+        self.start_error: BaseException | None = None
+        self.queue: TaskQueueProxy | None = None
+        self.manager: QueueManager | None = None
+        self.workers: dict[int, Worker] = {}
+        self.timers = Timers()
+        self.commands: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = False
+        self._broken: BrokenPoolError | None = None
+        self._crashes = [0] * self.cfg.max_local_workers  # early deaths in a row, per slot
+        self._restarts = [0] * self.cfg.max_local_workers
+        self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
+
+    # -- messages from other threads -------------------------------------
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the supervisor thread soon."""
+        self.commands.append(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # closed at teardown: nobody is left to run it
+
+    # -- main loop ---------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._start_manager()
+            for slot in range(self.cfg.max_local_workers):
+                self._spawn(slot)
+        except BaseException as exc:  # noqa: BLE001 - reported to the constructor
+            self.start_error = exc
+            self.ready.set()
+            self._teardown()
+            return
+        self.ready.set()
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("procpool supervisor crashed; failing every unfinished task")
+            self._fail_all(BrokenPoolError("the procpool supervisor thread crashed; see the log"))
+        finally:
+            self._teardown()
+
+    def _loop(self) -> None:
+        assert self.manager is not None
+        manager_sentinel = self.manager._process.sentinel  # type: ignore[attr-defined]
+        while not (self._closing and self._idle()) and self._broken is None:
+            due = self.timers.next_due()
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            waitables: list[Any] = [self._wake_r, manager_sentinel]
+            for w in self.workers.values():
+                waitables += (w.conn, w.process.sentinel)
+            for obj in wait(waitables, timeout):
+                if obj == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                elif obj == manager_sentinel:
+                    self._manager_lost()
+                    return
+                else:
+                    self._on_ready(obj)
+            while self.commands:
+                self.commands.popleft()()
+            self._fire_timers(time.monotonic())
+
+    def _idle(self) -> bool:
+        c = self.metrics.counters
+        return c.pending + c.running == 0
+
+    def _on_ready(self, obj: Any) -> None:
+        for w in list(self.workers.values()):
+            if obj is w.conn:
+                self._drain(w)
+                return
+            if obj == w.process.sentinel:
+                self._drain(w)
+                self._reap(w)
+                return
+
+    # -- workers -------------------------------------------------------------
+
+    def _start_manager(self) -> None:
+        ctx = self.cfg.context
+        self.manager = QueueManager(authkey=self.ex._authkey, ctx=ctx)
+        self.manager.start(init_manager, (os.getpid(), self.metrics.name))
+        self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
+
+    def _spawn(self, slot: int) -> None:
+        assert self.manager is not None
+        ctx = self.cfg.context
+        reader, writer = ctx.Pipe(duplex=False)
+        name = f"local-worker-{slot}"
+        spec = WorkerSpec(
+            name, slot, self.manager.address, self.ex._authkey, writer,
+            self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
+        )  # fmt: skip
+        process = ctx.Process(target=run_worker, args=(spec,), name=name)
+        process.start()
+        writer.close()
+        try:
+            os.setpgid(process.pid, process.pid)  # closes the race with the child's own call
+        except OSError:
+            pass  # it already did (or exec'd, under spawn)
+        self.workers[slot] = Worker(name, slot, process, reader)
+        self._publish_slot(slot, name, process.pid, active=True)
+
+    def _publish_slot(self, slot: int, name: str, pid: int, active: bool, lost: int = 0) -> None:
+        section = self._slot_sections[slot]
+        old = section.read_own()
+        created = old[4] or time.monotonic()
+        section.write(name.encode(), 1, int(active), pid, created, self._restarts[slot], old[6] + lost)
+
+    def _drain(self, w: Worker) -> None:
+        try:
+            while w.conn.poll():
+                message = w.conn.recv()
+                if message[0] == "started":
+                    self._on_started(w, message[1], message[2])
+                else:
+                    self._on_done(w, message)
+        except (EOFError, OSError):
+            pass  # the worker is gone; its sentinel tells the rest
+
+    def _reap(self, w: Worker) -> None:
+        """A worker process ended: account for its task, sweep its group, replace it."""
+        del self.workers[w.slot]
+        w.process.join(0)
+        exitcode = w.process.exitcode
+        signal_group(w.process.pid, signal.SIGKILL, w.strays)  # whatever it left behind
+        self.timers.discard(("kill", w.slot, w.process.pid))
+        lost = self._account_for_death(w, exitcode)
+        w.conn.close()
+        w.process.close()
+        self._publish_slot(w.slot, w.name, 0, active=False, lost=lost)
+        if self._closing and self._idle():
+            return
+        early = not w.ran_any and exitcode != 0 and w.doom is None
+        self._crashes[w.slot] = self._crashes[w.slot] + 1 if early else 0
+        self._restarts[w.slot] += 1
+        delay = min(0.05 * 2 ** self._crashes[w.slot], _RESPAWN_BACKOFF_MAX) if early else 0.0
+        if delay:
+            log.warning("worker %s %s at start-up; restarting in %.2f s", w.name, describe_exit(exitcode), delay)
+            self.timers.set(("respawn", w.slot), time.monotonic() + delay)
+        else:
+            self._spawn(w.slot)
+
+    def _account_for_death(self, w: Worker, exitcode: int | None) -> int:
+        """Settle the task a dead worker held; returns 1 if a task was lost with it."""
+        if w.doom is not None:
+            if w.lease is not None:
+                task = self.ex._tasks.get(w.lease[0])
+                if task is not None and task.status not in TERMINAL:
+                    self._finish_killed(task, w)
+            return 1
+        lease = w.lease
+        released = self._release(w.name)
+        lease = lease or released
+        if lease is None:
+            return 0
+        task = self.ex._tasks.get(lease[0])
+        if task is None or task.attempt != lease[1] or task.status in TERMINAL:
+            return 0  # it finished before the worker ended
+        retries = self.cfg.max_retries + 1
+        error = WorkerLostError(
+            f"worker {w.name} (pid {w.process.pid}) {describe_exit(exitcode)} while running "
+            f"task {task.task_id} (attempt {task.attempt} of {retries})"
+        )
+        self._fail_attempt(task, w.name, error, retryable=True)
+        return 1
+
+    def _release(self, name: str) -> tuple[str, int] | None:
+        assert self.queue is not None
+        try:
+            return self.queue.release(name)
+        except (OSError, EOFError):
+            return None  # the manager is gone; its sentinel reports that
+
+    def _doom(self, w: Worker, reason: str) -> None:
+        """Start the kill ladder for a worker: retire it, SIGTERM its group, SIGKILL after grace."""
+        if w.doom is not None:
+            return
+        w.doom = reason
+        self._release(w.name)  # it must take nothing more, even if its task ends in the grace
+        w.strays = escapees(w.process.pid)
+        signal_group(w.process.pid, signal.SIGTERM, w.strays)
+        self.timers.set(("kill", w.slot, w.process.pid), time.monotonic() + self.cfg.kill_grace)
+
+    def _fire_timers(self, now: float) -> None:
+        for key in self.timers.pop_due(now):
+            kind = key[0]  # type: ignore[index]
+            if kind == "deadline":
+                self._on_deadline(key[1], key[2])  # type: ignore[index]
+            elif kind == "kill":
+                w = self.workers.get(key[1])  # type: ignore[index]
+                if w is not None and w.process.pid == key[2]:  # type: ignore[index]
+                    log.warning(
+                        "worker %s (pid %d) ignored SIGTERM for %.2f s; sending SIGKILL",
+                        w.name, w.process.pid, self.cfg.kill_grace,
+                    )  # fmt: skip
+                    signal_group(w.process.pid, signal.SIGKILL, w.strays)
+            elif kind == "respawn" and not (self._closing and self._idle()):
+                self._spawn(key[1])  # type: ignore[index]
+
+    # -- task events ---------------------------------------------------------
+
+    def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
+        w.lease = (task_id, attempt)
+        w.ran_any = True
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status in TERMINAL or w.doom:
+            return
+        task.worker = w.name
+        self._move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
+        self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout)
+
+    def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
+        _, task_id, attempt, ok, retryable, elapsed, blob, type_name, text, tb = message
+        w.lease = None
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.doom:
+            return  # a stale attempt, or one being killed: fenced out
+        self.timers.discard(("deadline", task_id, attempt))
+        if ok:
+            try:
+                value = cloudpickle.loads(blob)
+            except BaseException as exc:  # noqa: BLE001
+                error = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
+                self._fail_attempt(task, w.name, error, retryable=False, elapsed=elapsed)
+                return
+            self._move(task, TaskStatus.COMPLETED, result=value, finished_at=time.time(), execution_time=elapsed)
+            self._count_execution(elapsed)
+            return
+        error = _rebuild_error(blob, type_name, text, tb)
+        self._fail_attempt(task, w.name, error, retryable=retryable, elapsed=elapsed)
+
+    def _fail_attempt(
+        self, task: Task, worker: str, error: BaseException, retryable: bool, elapsed: float | None = None
+    ) -> None:
+        self.timers.discard(("deadline", task.task_id, task.attempt))
+        if retryable and should_retry(task.attempt, self.cfg.max_retries):
+            log.info("task %s attempt %d failed (%r); retrying", task.task_id, task.attempt, error)
+            task.attempt += 1
+            self._move(task, TaskStatus.RETRYING, error=error)
+            with self.metrics.header_lock:
+                self.metrics.counters.retried += 1
+            assert self.queue is not None and task.payload is not None
+            try:
+                self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
+            except (OSError, EOFError):
+                pass  # the manager is gone; its sentinel fails every task
+            return
+        self._move(task, TaskStatus.FAILED, error=error, finished_at=time.time(), execution_time=elapsed)
+        if elapsed is not None:
+            self._count_execution(elapsed)
+
+    def _on_deadline(self, task_id: str, attempt: int) -> None:
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING:
+            return
+        w = self._worker_named(task.worker)
+        if w is not None:
+            self._doom(w, "timeout")
+
+    def _finish_killed(self, task: Task, w: Worker) -> None:
+        # Reported once the worker is dead, so "reported" means "really stopped".
+        started = task.record.started_at
+        error = TaskTimeoutError(
+            f"task {task.task_id} exceeded its {task.timeout:g} s deadline; worker {w.name} "
+            f"(pid {w.process.pid}) and its process group were killed"
+        )
+        elapsed = time.time() - started if started else None
+        self._move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task (on the supervisor thread). True if it will not complete."""
+        task = self.ex._tasks[task_id]
+        if task.status in TERMINAL:
+            return False
+        holder: str | None = task.worker if task.status is TaskStatus.RUNNING else None
+        if holder is None:
+            assert self.queue is not None
+            where = self.queue.cancel(task_id)
+            if where is None:
+                return False  # it already ran to the end; its result is on the way
+            holder = None if where == "removed" else where
+        if holder is not None:
+            w = self._worker_named(holder)
+            if w is not None:
+                self._doom(w, "cancel")
+        self.timers.discard(("deadline", task_id, task.attempt))
+        error = TaskCancelledError(f"task {task_id} was cancelled")
+        self._move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
+        return True
+
+    def close(self, cancel_pending: bool) -> None:
+        """Stop taking work; end once every task is finished (on the supervisor thread)."""
+        self._closing = True
+        if cancel_pending:
+            for task in list(self.ex._tasks.values()):
+                if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+                    self.cancel(task.task_id)
+
+    def _worker_named(self, name: str | None) -> Worker | None:
+        for w in self.workers.values():
+            if w.name == name:
+                return w
+        return None
+
+    # -- state changes -------------------------------------------------------
+
+    def _move(self, task: Task, status: TaskStatus, **changes: Any) -> None:
+        """The one place a task changes state: record, counters, future, callbacks."""
+        old = task.status
+        task.status = advance(old, status)
+        task.record = rec = replace(task.record, status=status, attempts=task.attempt, **changes)
+        counters = self.metrics.counters
+        with self.metrics.header_lock:
+            ob, nb = _BUCKET[old], _BUCKET[status]
+            if ob != nb:
+                setattr(counters, ob, getattr(counters, ob) - 1)
+                setattr(counters, nb, getattr(counters, nb) + 1)
+                if ob == "pending" or nb == "pending":
+                    depth = list(counters.depth)
+                    depth[task.priority] += 1 if nb == "pending" else -1
+                    counters.depth = tuple(depth)  # type: ignore[assignment]
+        self.metrics.publish()
+        if status in TERMINAL:
+            task.payload = None
+            self._settle_future(task, rec)
+        self.ex._callbacks.fire(EVENT_OF.get(status), rec)
+
+    def _settle_future(self, task: Task, rec: TaskRecord) -> None:
+        fut = task.future
+        if rec.status is TaskStatus.COMPLETED:
+            fut.set_result(rec.result)
+        elif rec.status is TaskStatus.CANCELLED and isinstance(rec.error, TaskCancelledError):
+            fut._mark_cancelled()
+        else:
+            assert rec.error is not None
+            fut.set_exception(rec.error)
+
+    def _count_execution(self, elapsed: float) -> None:
+        with self.metrics.header_lock:
+            self.metrics.counters.exec_time_sum += elapsed
+            self.metrics.counters.exec_count += 1
+        self.metrics.publish()
+
+    def _fail_all(self, error: BrokenPoolError) -> None:
+        self._broken = error
+        for task in self.ex._mark_broken(error):
+            if task.status not in TERMINAL:
+                self._move(task, TaskStatus.FAILED, error=error, finished_at=time.time())
+
+    def _manager_lost(self) -> None:
+        assert self.manager is not None
+        proc = self.manager._process  # type: ignore[attr-defined]
+        proc.join(0)
+        log.error("procpool manager process (pid %s) %s", proc.pid, describe_exit(proc.exitcode))
+        self._fail_all(
+            BrokenPoolError(
+                f"the procpool manager process (pid {proc.pid}) {describe_exit(proc.exitcode)}; "
+                f"its queue is gone, so this executor cannot run tasks any more: create a new one"
+            )
+        )
+
+    # -- teardown ------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        """Stop every worker and the manager. Never raises."""
+        try:
+            if self.queue is not None and self._broken is None:
+                self.queue.close()
+        except (OSError, EOFError):
+            pass
+        deadline = time.monotonic() + _EXIT_WAIT
+        while self.workers and time.monotonic() < deadline:
+            sentinels = {w.process.sentinel: w for w in self.workers.values()}
+            for sentinel in wait(list(sentinels), deadline - time.monotonic()):
+                w = sentinels[sentinel]  # type: ignore[index]
+                self._drain(w)
+                self._stop_worker(w)
+        for w in list(self.workers.values()):
+            self._stop_worker(w)
+        if self.manager is not None:
+            try:
+                self.manager.shutdown()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - it may be dead already
+                pass
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _stop_worker(self, w: Worker) -> None:
+        stop_group(w.process.pid, self.cfg.kill_grace, lambda t: w.process.join(t) or w.process.exitcode is not None)
+        w.process.join()
+        del self.workers[w.slot]
+        w.conn.close()
+        self._publish_slot(w.slot, w.name, 0, active=False)
+        w.process.close()
+
+
+def _rebuild_error(blob: bytes | None, type_name: str, text: str, tb: str) -> BaseException:
+    """The task's own exception with the worker traceback as its cause, or a plain stand-in."""
+    error: Any = None
+    if blob is not None:
+        try:
+            error = cloudpickle.loads(blob)
+        except BaseException:  # noqa: BLE001 - e.g. an exception class whose __init__ wants other args
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteTaskError(type_name, text, tb)
+    error.__cause__ = RemoteTraceback(tb)
+    return error  # type: ignore[no-any-return]

@@ -1,0 +1,113 @@
+"""Task records: the frozen snapshot users see, and the supervisor's own entry."""
+
+from __future__ import annotations
+
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._states import TaskPriority, TaskStatus
+
+if TYPE_CHECKING:
+    from ._executor import DistributedExecutor
+
+__all__ = ("TaskFuture", "TaskRecord")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A consistent snapshot of one task, as ``get_task`` and callbacks see it.
+
+    Timestamps are wall-clock seconds (``time.time()``) for display; deadlines
+    are kept separately on the monotonic clock.
+    """
+
+    task_id: str
+    status: TaskStatus
+    priority: TaskPriority
+    name: str  # the function's qualified name, for logs and views
+    attempts: int  # attempts started so far (the first run is attempt 1)
+    worker: str | None  # the worker that ran the latest attempt
+    result: Any = None  # the return value, once COMPLETED
+    error: BaseException | None = None  # the final or latest error
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    execution_time: float | None = None  # seconds the final attempt ran
+
+    @property
+    def done(self) -> bool:
+        """True once the task is in a terminal state."""
+        return self.status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class TaskFuture(Future[Any]):
+    """A ``concurrent.futures.Future`` whose ``cancel()`` really cancels the task.
+
+    Cancelling a running task kills its worker, as ``cancel_task`` does.
+    """
+
+    def __init__(self, task_id: str, executor: DistributedExecutor) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self._executor_ref = weakref.ref(executor)
+
+    def cancel(self) -> bool:
+        """Cancel the task; returns False if it had already finished."""
+        executor = self._executor_ref()
+        if executor is None or self.done():
+            return super().cancel()
+        return executor.cancel_task(self.task_id)
+
+    def _mark_cancelled(self) -> None:
+        # Called by the supervisor only: the plain Future cancellation.
+        super().cancel()
+
+
+class Task:
+    """The supervisor's mutable entry for one task (private; one writer).
+
+    Invariant: ``record`` is always a consistent snapshot of the fields below,
+    replaced as a whole on every change, so readers in other threads never
+    see a half-made update.
+    """
+
+    __slots__ = (
+        "task_id",
+        "priority",
+        "seq",
+        "name",
+        "payload",
+        "timeout",
+        "status",
+        "attempt",
+        "worker",
+        "future",
+        "record",
+    )
+
+    def __init__(
+        self,
+        task_id: str,
+        priority: TaskPriority,
+        seq: int,
+        name: str,
+        payload: bytes,
+        timeout: float,
+        future: TaskFuture,
+        submitted_at: float,
+    ) -> None:
+        self.task_id = task_id
+        self.priority = priority
+        self.seq = seq  # submission order; a retry keeps it, so keeps its place
+        self.name = name
+        self.payload: bytes | None = payload  # dropped once terminal
+        self.timeout = timeout
+        self.status = TaskStatus.PENDING
+        self.attempt = 1  # the attempt now queued or running; only this one may report
+        self.worker: str | None = None
+        self.future = future
+        self.record = TaskRecord(
+            task_id, TaskStatus.PENDING, priority, name, 0, None, submitted_at=submitted_at
+        )

@@ -1,0 +1,124 @@
+"""The worker loop, run in each worker process.
+
+    manager (TaskQueue) ── take ──▶ worker ── started / done ──▶ supervisor (result pipe)
+                                      └── writes its own metrics slot
+
+The worker holds at most the one task it runs. It reports ``started`` before
+running a task (the supervisor starts the deadline clock then) and ``done``
+with the pickled outcome after. It never decides about retries or deadlines:
+the supervisor does, from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import cloudpickle
+
+from ._errors import RemoteTaskError
+from ._metrics import SlotWriter
+from ._process import set_parent_death_signal
+from ._queue import STOP, connect_queue
+
+__all__ = ("WorkerSpec", "run_worker", "Started", "Done")
+
+IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
+
+# Messages on the result pipe (plain tuples: cheapest to pickle).
+Started = tuple[str, str, int]  # ("started", task id, attempt)
+# ("done", task id, attempt, ok, retryable, elapsed, blob, type name, message, traceback)
+Done = tuple[str, str, int, bool, bool, float, bytes | None, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a worker process needs; travels as Process arguments, never argv."""
+
+    name: str
+    slot: int
+    address: Any
+    authkey: bytes
+    conn: Connection
+    shm_name: str
+    max_tasks: int | None
+    parent_pid: int
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    os.setpgid(0, 0)  # the parent does the same, whichever runs first
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != spec.parent_pid:
+        os._exit(1)  # the owner died before the guard was armed
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked handler must not swallow it
+    slot = SlotWriter(spec.shm_name, spec.slot)
+    try:
+        serve(spec, slot)
+    except (EOFError, OSError):
+        pass  # the manager or the supervisor is gone: nothing left to work for
+    finally:
+        slot.close()
+        spec.conn.close()
+
+
+def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
+    """Take and run tasks until told to stop or ``max_tasks`` are done."""
+    queue = connect_queue(spec.address, spec.authkey)
+    slot.idle()
+    done = 0
+    while spec.max_tasks is None or done < spec.max_tasks:
+        item = queue.take(spec.name, IDLE_WAIT)
+        if item is None:
+            slot.idle()
+            continue
+        if item == STOP:
+            break
+        assert isinstance(item, tuple)
+        task_id, attempt, payload = item
+        spec.conn.send(("started", task_id, attempt))
+        slot.running(task_id)
+        message = run_task(task_id, attempt, payload)
+        spec.conn.send(message)
+        slot.finished(message[3], message[5])
+        done += 1
+
+
+def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
+    """Run one task and encode its outcome; never raises."""
+    start = time.monotonic()
+    try:
+        fn, args, kwargs = cloudpickle.loads(payload)
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its failure too
+        elapsed = time.monotonic() - start
+        tb = traceback.format_exc()
+        return ("done", task_id, attempt, False, True, elapsed, _dumps(exc), _type_name(exc), str(exc), tb)
+    elapsed = time.monotonic() - start
+    try:
+        return ("done", task_id, attempt, True, False, elapsed, cloudpickle.dumps(value), "", "", "")
+    except BaseException as exc:  # noqa: BLE001
+        tb = traceback.format_exc()
+        error = RemoteTaskError(
+            _type_name(exc),
+            f"the result of type {_type_name(value)} could not be pickled to send it back: {exc}",
+            tb,
+        )
+        return ("done", task_id, attempt, False, False, elapsed, _dumps(error), error.type_name, error.message, tb)
+
+
+def _dumps(obj: Any) -> bytes | None:
+    try:
+        return cloudpickle.dumps(obj)  # type: ignore[no-any-return]
+    except BaseException:  # noqa: BLE001 - the supervisor falls back to the plain text
+        return None
+
+
+def _type_name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
