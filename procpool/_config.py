@@ -6,7 +6,6 @@ import math
 import multiprocessing
 import sys
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._states import TaskPriority
@@ -34,7 +33,7 @@ class Config:
     enable_remote: bool
 
     @property
-    def context(self) -> BaseContext:
+    def context(self) -> Any:  # a ForkContext, SpawnContext, ...; typeshed lacks .Process on the base
         return multiprocessing.get_context(self.start_method)
 
     @classmethod

@@ -1,9 +1,9 @@
 """The public executor: validates, pickles and queues; the supervisor does the rest.
 
-    user threads ── submit ──▶ DistributedExecutor ── put ──▶ manager queue
-                                  │  (creates the task record, counts it)
-                                  └── commands ──▶ supervisor thread (owns state)
-    get_stats() reads the shared-memory block directly: no IPC.
+user threads ── submit ──▶ DistributedExecutor ── put ──▶ manager queue
+                              │  (creates the task record, counts it)
+                              └── commands ──▶ supervisor thread (owns state)
+get_stats() reads the shared-memory block directly: no IPC.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ class DistributedExecutor(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         state = "running" if self._closed is None else "closed"
-        return f"<DistributedExecutor {state} workers={self._config.max_local_workers} tasks={len(self._tasks)}>"
+        return (
+            f"<DistributedExecutor {state} workers={self._config.max_local_workers} tasks={len(self._tasks)}>"
+        )
 
     # -- submitting ----------------------------------------------------------
 
@@ -163,7 +165,11 @@ class DistributedExecutor(concurrent.futures.Executor):
         return await asyncio.wrap_future(task.future)
 
     def _submit_many(
-        self, items: Sequence[tuple[Any, Any, Any]], priority: object, timeout: float | None, batch: bool = False
+        self,
+        items: Sequence[tuple[Any, Any, Any]],
+        priority: object,
+        timeout: float | None,
+        batch: bool = False,
     ) -> list[Task]:
         prio = check_priority(priority)
         deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
@@ -195,10 +201,8 @@ class DistributedExecutor(concurrent.futures.Executor):
         with self._metrics.header_lock:
             counters.total += sign * len(tasks)
             counters.pending += sign * len(tasks)
-            depth = list(counters.depth)
             for task in tasks:
-                depth[task.priority] += sign
-            counters.depth = tuple(depth)  # type: ignore[assignment]
+                counters.depth[task.priority] += sign
         self._metrics.publish()
 
     # -- results ---------------------------------------------------------------
@@ -226,7 +230,9 @@ class DistributedExecutor(concurrent.futures.Executor):
             return future.result(timeout)
         except concurrent.futures.CancelledError:
             error = self._tasks[task_id].record.error
-            raise error if error is not None else TaskCancelledError(f"task {task_id} was cancelled") from None
+            raise (
+                error if error is not None else TaskCancelledError(f"task {task_id} was cancelled")
+            ) from None
         except TimeoutError:
             if future.done():
                 raise
@@ -374,7 +380,9 @@ _default: DistributedExecutor | None = None
 _default_lock = threading.Lock()
 
 
-def get_distributed_executor(max_workers: int = 3, enable_remote: bool = False, **options: Any) -> DistributedExecutor:
+def get_distributed_executor(
+    max_workers: int = 3, enable_remote: bool = False, **options: Any
+) -> DistributedExecutor:
     """The process-wide default executor, created on first call (``max_workers`` local workers).
 
     Later calls return the same object, their arguments ignored, until it is
@@ -383,5 +391,7 @@ def get_distributed_executor(max_workers: int = 3, enable_remote: bool = False, 
     global _default
     with _default_lock:
         if _default is None or _default._closed is not None:
-            _default = DistributedExecutor(max_local_workers=max_workers, enable_remote=enable_remote, **options)
+            _default = DistributedExecutor(
+                max_local_workers=max_workers, enable_remote=enable_remote, **options
+            )
         return _default

@@ -31,7 +31,7 @@ import secrets
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -85,7 +85,7 @@ class HeaderCounters:
     retried: int = 0  # retries scheduled, over all tasks
     exec_time_sum: float = 0.0
     exec_count: int = 0
-    depth: tuple[int, int, int, int] = (0, 0, 0, 0)  # pending by priority, URGENT first
+    depth: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # pending by priority, URGENT first
 
 
 class _Section:
@@ -125,6 +125,7 @@ class MetricsBlock:
         self._header = _Section(buf, _COUNTERS_AT, _COUNTERS)
         self._header_lock = threading.Lock()  # submitters and the supervisor share one writer
         self.counters = HeaderCounters()
+        self._closed = False
         self.publish()
 
     def publish(self) -> None:
@@ -150,12 +151,12 @@ class MetricsBlock:
 
     def close(self) -> None:
         """Release and unlink the block. Safe to call twice."""
-        if self.shm is None:  # type: ignore[comparison-overlap]
+        if self._closed:
             return
-        shm, self.shm = self.shm, None  # type: ignore[assignment]
-        shm.close()
+        self._closed = True
+        self.shm.close()
         try:
-            shm.unlink()
+            self.shm.unlink()
         except FileNotFoundError:
             pass
 
@@ -174,9 +175,7 @@ class SlotWriter:
     def idle(self) -> None:
         """Mark the worker idle and beat its heart."""
         now = time.monotonic()
-        self._section.write(
-            self.pid, WorkerState.IDLE, b"", 0.0, self.completed, self.failed, self.busy, now
-        )
+        self._section.write(self.pid, WorkerState.IDLE, b"", 0.0, self.completed, self.failed, self.busy, now)
 
     def running(self, task_id: str) -> None:
         """Mark the worker busy with ``task_id``."""

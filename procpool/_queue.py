@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 from multiprocessing.managers import BaseManager, BaseProxy
-from typing import Any
+from typing import Any, cast
 
 from ._process import kill_worker_groups, set_parent_death_signal
 
@@ -115,26 +115,29 @@ class TaskQueueProxy(BaseProxy):
 
     _exposed_ = ("put", "put_many", "take", "cancel", "release", "depth", "close")
 
+    def _call(self, method: str, args: tuple[Any, ...] = ()) -> Any:
+        return cast(Any, self._callmethod)(method, args)
+
     def put(self, priority: int, seq: int, task_id: str, attempt: int, payload: bytes) -> None:
-        self._callmethod("put", (priority, seq, task_id, attempt, payload))
+        self._call("put", (priority, seq, task_id, attempt, payload))
 
     def put_many(self, items: list[Item]) -> None:
-        self._callmethod("put_many", (items,))
+        self._call("put_many", (items,))
 
     def take(self, worker: str, timeout: float) -> tuple[str, int, bytes] | str | None:
-        return self._callmethod("take", (worker, timeout))  # type: ignore[no-any-return]
+        return cast("tuple[str, int, bytes] | str | None", self._call("take", (worker, timeout)))
 
     def cancel(self, task_id: str) -> str | None:
-        return self._callmethod("cancel", (task_id,))  # type: ignore[no-any-return]
+        return cast("str | None", self._call("cancel", (task_id,)))
 
     def release(self, worker: str) -> Lease | None:
-        return self._callmethod("release", (worker,))  # type: ignore[no-any-return]
+        return cast("Lease | None", self._call("release", (worker,)))
 
     def depth(self) -> int:
-        return self._callmethod("depth")  # type: ignore[no-any-return]
+        return cast(int, self._call("depth"))
 
     def close(self) -> None:
-        self._callmethod("close")
+        self._call("close")
 
 
 _queue: TaskQueue | None = None

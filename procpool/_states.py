@@ -16,7 +16,7 @@ class TaskPriority(enum.IntEnum):
     LOW = 3  # runs only when nothing else waits
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """Where a task is in its life. Terminal states are sticky."""
 
     PENDING = "pending"  # queued, not yet started by a worker

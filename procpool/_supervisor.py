@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -43,6 +43,9 @@ from ._scheduling import Timers, describe_exit, should_retry
 from ._states import TERMINAL, TaskStatus, advance
 from ._task import Task, TaskRecord
 from ._worker import WorkerSpec, run_worker
+
+if TYPE_CHECKING:
+    from ._executor import DistributedExecutor
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class Worker:
 class Supervisor(threading.Thread):
     """Owns workers, deadlines and task state; see the module docstring."""
 
-    def __init__(self, executor: Any) -> None:
+    def __init__(self, executor: DistributedExecutor) -> None:
         super().__init__(name="procpool-supervisor", daemon=True)
         self.ex = executor
         self.cfg = executor._config
@@ -228,7 +231,9 @@ class Supervisor(threading.Thread):
         self._restarts[w.slot] += 1
         delay = min(0.05 * 2 ** self._crashes[w.slot], _RESPAWN_BACKOFF_MAX) if early else 0.0
         if delay:
-            log.warning("worker %s %s at start-up; restarting in %.2f s", w.name, describe_exit(exitcode), delay)
+            log.warning(
+                "worker %s %s at start-up; restarting in %.2f s", w.name, describe_exit(exitcode), delay
+            )
             self.timers.set(("respawn", w.slot), time.monotonic() + delay)
         else:
             self._spawn(w.slot)
@@ -313,10 +318,12 @@ class Supervisor(threading.Thread):
             try:
                 value = cloudpickle.loads(blob)
             except BaseException as exc:  # noqa: BLE001
-                error = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
-                self._fail_attempt(task, w.name, error, retryable=False, elapsed=elapsed)
+                bad = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
+                self._fail_attempt(task, w.name, bad, retryable=False, elapsed=elapsed)
                 return
-            self._move(task, TaskStatus.COMPLETED, result=value, finished_at=time.time(), execution_time=elapsed)
+            self._move(
+                task, TaskStatus.COMPLETED, result=value, finished_at=time.time(), execution_time=elapsed
+            )
             self._count_execution(elapsed)
             return
         error = _rebuild_error(blob, type_name, text, tb)
@@ -409,9 +416,7 @@ class Supervisor(threading.Thread):
                 setattr(counters, ob, getattr(counters, ob) - 1)
                 setattr(counters, nb, getattr(counters, nb) + 1)
                 if ob == "pending" or nb == "pending":
-                    depth = list(counters.depth)
-                    depth[task.priority] += 1 if nb == "pending" else -1
-                    counters.depth = tuple(depth)  # type: ignore[assignment]
+                    counters.depth[task.priority] += 1 if nb == "pending" else -1
         self.metrics.publish()
         if status in TERMINAL:
             task.payload = None
@@ -465,21 +470,23 @@ class Supervisor(threading.Thread):
         while self.workers and time.monotonic() < deadline:
             sentinels = {w.process.sentinel: w for w in self.workers.values()}
             for sentinel in wait(list(sentinels), deadline - time.monotonic()):
-                w = sentinels[sentinel]  # type: ignore[index]
+                w = sentinels[sentinel]
                 self._drain(w)
                 self._stop_worker(w)
         for w in list(self.workers.values()):
             self._stop_worker(w)
         if self.manager is not None:
             try:
-                self.manager.shutdown()  # type: ignore[attr-defined]
+                self.manager.shutdown()
             except Exception:  # noqa: BLE001 - it may be dead already
                 pass
         os.close(self._wake_r)
         os.close(self._wake_w)
 
     def _stop_worker(self, w: Worker) -> None:
-        stop_group(w.process.pid, self.cfg.kill_grace, lambda t: w.process.join(t) or w.process.exitcode is not None)
+        stop_group(
+            w.process.pid, self.cfg.kill_grace, lambda t: w.process.join(t) or w.process.exitcode is not None
+        )
         w.process.join()
         del self.workers[w.slot]
         w.conn.close()

@@ -74,17 +74,17 @@ class Task:
     """
 
     __slots__ = (
-        "task_id",
-        "priority",
-        "seq",
+        "attempt",
+        "future",
         "name",
         "payload",
-        "timeout",
-        "status",
-        "attempt",
-        "worker",
-        "future",
+        "priority",
         "record",
+        "seq",
+        "status",
+        "task_id",
+        "timeout",
+        "worker",
     )
 
     def __init__(

@@ -109,7 +109,18 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
             f"the result of type {_type_name(value)} could not be pickled to send it back: {exc}",
             tb,
         )
-        return ("done", task_id, attempt, False, False, elapsed, _dumps(error), error.type_name, error.message, tb)
+        return (
+            "done",
+            task_id,
+            attempt,
+            False,
+            False,
+            elapsed,
+            _dumps(error),
+            error.type_name,
+            error.message,
+            tb,
+        )
 
 
 def _dumps(obj: Any) -> bytes | None:
