@@ -14,10 +14,10 @@ __all__ = ("Timers", "describe_exit", "should_retry")
 
 # Signals that usually mean something worth telling the user about.
 _SIGNAL_HINTS = {
-    signal.SIGKILL: "; out of memory, or killed by someone?",
-    signal.SIGSEGV: "; a segmentation fault in native code?",
-    signal.SIGABRT: "; an abort() in native code?",
-    signal.SIGBUS: "; a bus error in native code?",
+    signal.SIGKILL: " (out of memory, or killed by another process?)",
+    signal.SIGSEGV: " (a segmentation fault in native code?)",
+    signal.SIGABRT: " (an abort() in native code?)",
+    signal.SIGBUS: " (a bus error in native code?)",
 }
 
 

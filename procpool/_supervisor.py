@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
+_REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
 _BUCKET = {
     TaskStatus.PENDING: "pending",
@@ -71,7 +73,8 @@ EVENT_OF = {
 class Worker:
     """A live worker process, as the supervisor sees it."""
 
-    name: str
+    name: str  # stable per slot: "local-worker-0"
+    key: str  # unique per process, for leases: "local-worker-0.3"
     slot: int
     process: Any  # multiprocessing.Process (BaseProcess)
     conn: Connection
@@ -101,6 +104,7 @@ class Supervisor(threading.Thread):
         self._broken: BrokenPoolError | None = None
         self._crashes = [0] * self.cfg.max_local_workers  # early deaths in a row, per slot
         self._restarts = [0] * self.cfg.max_local_workers
+        self._generation = itertools.count()
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
 
     # -- messages from other threads -------------------------------------
@@ -182,8 +186,9 @@ class Supervisor(threading.Thread):
         ctx = self.cfg.context
         reader, writer = ctx.Pipe(duplex=False)
         name = f"local-worker-{slot}"
+        key = f"{name}.{next(self._generation)}"
         spec = WorkerSpec(
-            name, slot, self.manager.address, self.ex._authkey, writer,
+            key, slot, self.manager.address, self.ex._authkey, writer,
             self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
         )  # fmt: skip
         process = ctx.Process(target=run_worker, args=(spec,), name=name)
@@ -193,7 +198,7 @@ class Supervisor(threading.Thread):
             os.setpgid(process.pid, process.pid)  # closes the race with the child's own call
         except OSError:
             pass  # it already did (or exec'd, under spawn)
-        self.workers[slot] = Worker(name, slot, process, reader)
+        self.workers[slot] = Worker(name, key, slot, process, reader)
         self._publish_slot(slot, name, process.pid, active=True)
 
     def _publish_slot(self, slot: int, name: str, pid: int, active: bool, lost: int = 0) -> None:
@@ -216,7 +221,8 @@ class Supervisor(threading.Thread):
     def _reap(self, w: Worker) -> None:
         """A worker process ended: account for its task, sweep its group, replace it."""
         del self.workers[w.slot]
-        w.process.join(0)
+        # The sentinel closes a moment before the process can be reaped.
+        w.process.join(_REAP_WAIT)
         exitcode = w.process.exitcode
         signal_group(w.process.pid, signal.SIGKILL, w.strays)  # whatever it left behind
         self.timers.discard(("kill", w.slot, w.process.pid))
@@ -247,7 +253,7 @@ class Supervisor(threading.Thread):
                     self._finish_killed(task, w)
             return 1
         lease = w.lease
-        released = self._release(w.name)
+        released = self._release(w.key)
         lease = lease or released
         if lease is None:
             return 0
@@ -274,7 +280,7 @@ class Supervisor(threading.Thread):
         if w.doom is not None:
             return
         w.doom = reason
-        self._release(w.name)  # it must take nothing more, even if its task ends in the grace
+        self._release(w.key)  # it must take nothing more, even if its task ends in the grace
         w.strays = escapees(w.process.pid)
         signal_group(w.process.pid, signal.SIGTERM, w.strays)
         self.timers.set(("kill", w.slot, w.process.pid), time.monotonic() + self.cfg.kill_grace)
@@ -398,7 +404,7 @@ class Supervisor(threading.Thread):
 
     def _worker_named(self, name: str | None) -> Worker | None:
         for w in self.workers.values():
-            if w.name == name:
+            if name in (w.name, w.key):
                 return w
         return None
 

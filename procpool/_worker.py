@@ -40,7 +40,7 @@ Done = tuple[str, str, int, bool, bool, float, bytes | None, str, str, str]
 class WorkerSpec:
     """Everything a worker process needs; travels as Process arguments, never argv."""
 
-    name: str
+    key: str  # unique per worker process; leases are held under it
     slot: int
     address: Any
     authkey: bytes
@@ -73,7 +73,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     slot.idle()
     done = 0
     while spec.max_tasks is None or done < spec.max_tasks:
-        item = queue.take(spec.name, IDLE_WAIT)
+        item = queue.take(spec.key, IDLE_WAIT)
         if item is None:
             slot.idle()
             continue

@@ -1,0 +1,149 @@
+"""A catalogue of misbehaving task functions, reused by every test that needs one.
+
+Each is a module-level function so it pickles by reference; tests also
+submit lambdas and closures to check that cloudpickle carries them by value.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def noop() -> None:
+    return None
+
+
+def sleep_then(seconds: float, value: object = None) -> object:
+    time.sleep(seconds)
+    return value
+
+
+def hang() -> None:
+    """Sleeps for ever; honours SIGTERM."""
+    while True:
+        time.sleep(3600)
+
+
+def ignore_sigterm_and_hang() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
+def busy_loop_python() -> None:
+    while True:
+        pass
+
+
+def busy_loop_c() -> None:
+    """Blocks in C with the GIL held (a huge regex backtrack would do too)."""
+    libc = ctypes.CDLL(None)
+    libc.pause()  # waits for a signal, in C
+
+
+def exit_abruptly(code: int = 3) -> None:
+    os._exit(code)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def raise_value_error(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+class UnpicklableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+class NeedsTwoArgsError(Exception):
+    """Pickles, but cannot be unpickled (the classic Exception __reduce__ trap)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable() -> None:
+    raise UnpicklableError()
+
+
+def raise_needs_two_args() -> None:
+    raise NeedsTwoArgsError("x", "y")
+
+
+def return_unpicklable() -> object:
+    return threading.Lock()
+
+
+def return_huge(megabytes: int = 64) -> bytes:
+    return b"x" * (megabytes * 1024 * 1024)
+
+
+def spawn_grandchild_and_hang(pid_file: str) -> None:
+    """Starts a child that sleeps for ever, records its pid, then hangs."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    Path(pid_file).write_text(str(child.pid))
+    hang()
+
+
+def spawn_escapee_and_hang(pid_file: str) -> None:
+    """Starts a child in its own session (outside the worker's group), then hangs."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True
+    )
+    Path(pid_file).write_text(str(child.pid))
+    hang()
+
+
+def fail_until(marker_dir: str, failures: int) -> str:
+    """Raises on the first ``failures`` attempts (counted in files), then succeeds."""
+    path = Path(marker_dir)
+    count = len(list(path.iterdir()))
+    (path / f"attempt-{count}").touch()
+    if count < failures:
+        raise RuntimeError(f"attempt {count} fails on purpose")
+    return f"ok after {count}"
+
+
+def die_until(marker_dir: str, deaths: int) -> str:
+    """Kills its own worker on the first ``deaths`` attempts, then succeeds."""
+    path = Path(marker_dir)
+    count = len(list(path.iterdir()))
+    (path / f"attempt-{count}").touch()
+    if count < deaths:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"ok after {count}"
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> str:
+    """Blocks until ``path`` exists (the test's way to hold a worker busy without sleeping)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return path
+
+
+def record_order(log_path: str, label: str) -> str:
+    with open(log_path, "a") as f:
+        f.write(label + "\n")
+    return label
