@@ -184,7 +184,7 @@ class Supervisor(threading.Thread):
     def _spawn(self, slot: int) -> None:
         assert self.manager is not None
         ctx = self.cfg.context
-        reader, writer = ctx.Pipe(duplex=False)
+        reader, writer = ctx.Pipe(duplex=True)
         name = f"local-worker-{slot}"
         key = f"{name}.{next(self._generation)}"
         spec = WorkerSpec(
@@ -314,6 +314,16 @@ class Supervisor(threading.Thread):
         self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout)
 
     def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
+        self._settle_done(w, message)
+        if not message[3]:
+            # A worker that failed a task waits for this before taking another,
+            # so that a retry is back in its place before the next take.
+            try:
+                w.conn.send(True)
+            except OSError:
+                pass  # it died meanwhile; its sentinel tells the rest
+
+    def _settle_done(self, w: Worker, message: tuple[Any, ...]) -> None:
         _, task_id, attempt, ok, retryable, elapsed, blob, type_name, text, tb = message
         w.lease = None
         task = self.ex._tasks.get(task_id)

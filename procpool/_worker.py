@@ -5,7 +5,8 @@
 
 The worker holds at most the one task it runs. It reports ``started`` before
 running a task (the supervisor starts the deadline clock then) and ``done``
-with the pickled outcome after. It never decides about retries or deadlines:
+with the pickled outcome after. After a failed task it waits for the
+supervisor's go-ahead, so a retry is queued again before its next take. It never decides about retries or deadlines:
 the supervisor does, from outside.
 """
 
@@ -86,6 +87,8 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         message = run_task(task_id, attempt, payload)
         spec.conn.send(message)
         slot.finished(message[3], message[5])
+        if not message[3]:
+            spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1
 
 

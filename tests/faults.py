@@ -113,11 +113,13 @@ def spawn_escapee_and_hang(pid_file: str) -> None:
     hang()
 
 
-def fail_until(marker_dir: str, failures: int) -> str:
+def fail_until(marker_dir: str, failures: int, log_path: str | None = None) -> str:
     """Raises on the first ``failures`` attempts (counted in files), then succeeds."""
     path = Path(marker_dir)
     count = len(list(path.iterdir()))
     (path / f"attempt-{count}").touch()
+    if log_path is not None:
+        record_order(log_path, f"flaky-{count}")
     if count < failures:
         raise RuntimeError(f"attempt {count} fails on purpose")
     return f"ok after {count}"

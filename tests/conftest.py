@@ -1,0 +1,93 @@
+"""Shared fixtures: executors that always end, and a leak check after every test.
+
+Each test that starts processes must leave none behind (checked with psutil)
+and no procpool shared-memory block in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so workers can import faults
+
+from procpool import DistributedExecutor  # noqa: E402
+
+SHUTDOWN_BUDGET = 10.0  # seconds a shutdown may take before the test fails
+LEAK_WAIT = 5.0  # seconds for killed processes to be reaped before they count as leaked
+
+
+def _children() -> set[int]:
+    tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.pid != tracker}
+
+
+def _blocks() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("procpool-*")}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; for conditions with no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracker() -> None:
+    # Started once, so that it is not taken for a leaked child later.
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a child process or a shared-memory block behind."""
+    children, blocks = _children(), _blocks()
+    yield
+    assert wait_until(lambda: not (_children() - children), LEAK_WAIT), (
+        f"leaked processes: {[psutil.Process(p).cmdline() for p in _children() - children]}"
+    )
+    assert not (_blocks() - blocks), f"leaked shared memory: {_blocks() - blocks}"
+
+
+@pytest.fixture
+def make_executor() -> Iterator[Callable[..., DistributedExecutor]]:
+    """Create executors that are shut down (in bounded time) when the test ends."""
+    made: list[DistributedExecutor] = []
+
+    def make(**options: Any) -> DistributedExecutor:
+        options.setdefault("max_local_workers", 2)
+        options.setdefault("kill_grace", 0.3)
+        executor = DistributedExecutor(**options)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        start = time.monotonic()
+        executor.shutdown(wait=True, cancel_futures=True)
+        assert time.monotonic() - start < SHUTDOWN_BUDGET, "shutdown took too long"
+
+
+@pytest.fixture
+def executor(make_executor: Callable[..., DistributedExecutor]) -> DistributedExecutor:
+    """Two workers, a 30 s default deadline, one retry."""
+    return make_executor(task_timeout=30, max_retries=1)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from procpool import TaskPriority
+from procpool._config import Config, check_positive, check_priority
+
+GOOD: dict[str, Any] = dict(
+    max_local_workers=2, task_timeout=5, enable_remote=False, max_retries=1,
+    max_tasks_per_worker=None, kill_grace=0.5, start_method=None,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("max_local_workers", 0, ValueError),
+        ("max_local_workers", 1.5, TypeError),
+        ("max_retries", -1, ValueError),
+        ("task_timeout", 0, ValueError),
+        ("task_timeout", float("nan"), ValueError),
+        ("task_timeout", "5", TypeError),
+        ("kill_grace", -1, ValueError),
+        ("max_tasks_per_worker", 0, ValueError),
+        ("start_method", "threads", ValueError),
+    ],
+)
+def test_bad_settings_fail_with_the_setting_named(name: str, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=name):
+        Config.build(**{**GOOD, name: value})
+
+
+def test_fork_is_the_default_start_method_on_linux() -> None:
+    assert Config.build(**GOOD).start_method == "fork"
+
+
+@pytest.mark.parametrize("value", [TaskPriority.HIGH, "HIGH", "high", 1])
+def test_priorities_by_member_name_or_value(value: object) -> None:
+    assert check_priority(value) is TaskPriority.HIGH
+
+
+@pytest.mark.parametrize("value", ["SOON", 7, None, True, 1.0])
+def test_unknown_priorities_are_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="unknown priority"):
+        check_priority(value)
+
+
+def test_timeouts_must_be_positive_finite_numbers() -> None:
+    assert check_positive("timeout", 2) == 2.0
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            check_positive("timeout", bad)

@@ -1,0 +1,94 @@
+"""The shared-memory layout: writers, the seqlock reader, version checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from procpool._metrics import (
+    HEADER_SIZE,
+    MetricsBlock,
+    SlotWriter,
+    active_worker_pids,
+    attach,
+    read_snapshot,
+)
+
+
+@pytest.fixture
+def block() -> Iterator[MetricsBlock]:
+    b = MetricsBlock(slots=3)
+    yield b
+    b.close()
+
+
+def snapshot(block: MetricsBlock) -> dict[str, object]:
+    assert block.shm.buf is not None
+    return read_snapshot(block.shm.buf)
+
+
+def test_block_is_private_to_the_user(block: MetricsBlock) -> None:
+    mode = os.stat(Path("/dev/shm") / block.name).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert block.name.startswith("procpool-")
+
+
+def test_counters_round_trip(block: MetricsBlock) -> None:
+    c = block.counters
+    c.total, c.pending, c.completed, c.exec_time_sum, c.exec_count = 5, 2, 3, 6.0, 3
+    c.depth[1] = 2
+    block.publish()
+    snap = snapshot(block)
+    assert snap["total_tasks"] == 5 and snap["completed_tasks"] == 3
+    assert snap["avg_execution_time"] == 2.0
+    assert snap["queue_depth"] == {"URGENT": 0, "HIGH": 2, "NORMAL": 0, "LOW": 0}
+
+
+def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> None:
+    block.supervisor_section(1).write(b"local-worker-1", 1, 1, 4242, 1.0, 0, 0)
+    writer = SlotWriter(block.name, 1)
+    writer.running("task-9")
+    assert snapshot(block)["workers"]["local-worker-1"]["current_task"] == "task-9"  # type: ignore[index]
+    writer.finished(ok=True, elapsed=0.5)
+    writer.close()
+    again = SlotWriter(block.name, 1)  # a replacement worker in the same slot
+    again.finished(ok=False, elapsed=0.5)
+    again.close()
+    workers = snapshot(block)["workers"]
+    assert list(workers) == ["local-worker-1"]  # type: ignore[call-overload]
+    view = workers["local-worker-1"]  # type: ignore[index]
+    assert (view["completed"], view["failed"], view["current_task"]) == (1, 1, None)
+    assert active_worker_pids(block.name) == [4242]
+
+
+def test_a_section_left_odd_by_a_killed_writer_is_reset_by_the_next(block: MetricsBlock) -> None:
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 1, 1.0, 0, 0)
+    buf = block.shm.buf
+    assert buf is not None
+    at = HEADER_SIZE + 96
+    struct.pack_into("<Q", buf, at, 7)  # a writer died mid-write
+    writer = SlotWriter(block.name, 0)
+    writer.idle()
+    writer.close()
+    assert struct.unpack_from("<Q", buf, at)[0] % 2 == 0
+    assert snapshot(block)["workers"]["local-worker-0"]["state"] == "idle"  # type: ignore[index]
+
+
+def test_a_block_of_another_version_is_refused(block: MetricsBlock) -> None:
+    buf = block.shm.buf
+    assert buf is not None
+    struct.pack_into("<I", buf, 8, 99)
+    with pytest.raises(ValueError, match="layout version 1"):
+        attach(block.name)
+
+
+def test_close_unlinks_and_is_idempotent() -> None:
+    b = MetricsBlock(slots=1)
+    b.close()
+    b.close()
+    assert not (Path("/dev/shm") / b.name).exists()

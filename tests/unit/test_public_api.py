@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import inspect
+
+import procpool
+import sessions
+
+
+def test_all_lists_exactly_the_public_names() -> None:
+    public = {n for n in vars(procpool) if not n.startswith("_") and n != "annotations"}
+    assert set(procpool.__all__) == public
+    assert sessions.__all__ == ()
+
+
+def test_seed_signatures_and_defaults() -> None:
+    init = inspect.signature(procpool.DistributedExecutor)
+    assert [(p, init.parameters[p].default) for p in list(init.parameters)[:4]] == [
+        ("max_local_workers", 3), ("task_timeout", 300), ("enable_remote", False), ("max_retries", 3)
+    ]  # fmt: skip
+    get = inspect.signature(procpool.get_distributed_executor)
+    assert get.parameters["max_workers"].default == 3
+    submit = inspect.signature(procpool.DistributedExecutor.submit_task)
+    assert list(submit.parameters)[1:] == ["function", "args", "kwargs", "priority", "timeout"]
+    result = inspect.signature(procpool.DistributedExecutor.get_task_result)
+    assert (result.parameters["wait"].default, result.parameters["timeout"].default) == (True, 30)
+    assert inspect.signature(procpool.DistributedExecutor.wait_for_tasks).parameters["timeout"].default == 60
+    assert [p.name for p in procpool.TaskPriority] == ["URGENT", "HIGH", "NORMAL", "LOW"]
