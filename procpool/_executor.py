@@ -266,7 +266,8 @@ class DistributedExecutor(concurrent.futures.Executor):
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 reply.set_exception(exc)
 
-        self._supervisor.call(run)
+        if not self._supervisor.call(run):
+            return False  # it ended, and every task with it
         while True:
             try:
                 return reply.result(_CANCEL_POLL)
@@ -327,7 +328,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         with self._submit_lock:
             if self._closed is None:
                 self._closed = ExecutorShutdownError("cannot submit tasks after shutdown()")
-        self._supervisor.call(lambda: self._supervisor.close(cancel_futures))
+        self._supervisor.call(lambda: self._supervisor.close(cancel_futures))  # False once it ended
         if wait:
             self._finish()
         else:

@@ -100,6 +100,8 @@ class Supervisor(threading.Thread):
         self.timers = Timers()
         self.commands: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.Lock()  # no write may reach the pipe's fds once closed
+        self._ended = False
         self._closing = False
         self._broken: BrokenPoolError | None = None
         self._crashes = [0] * self.cfg.max_local_workers  # early deaths in a row, per slot
@@ -109,13 +111,14 @@ class Supervisor(threading.Thread):
 
     # -- messages from other threads -------------------------------------
 
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the supervisor thread soon."""
-        self.commands.append(fn)
-        try:
+    def call(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the supervisor thread soon; False if the supervisor has ended."""
+        with self._wake_lock:
+            if self._ended:
+                return False
+            self.commands.append(fn)
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass  # closed at teardown: nobody is left to run it
+            return True
 
     # -- main loop ---------------------------------------------------------
 
@@ -496,8 +499,10 @@ class Supervisor(threading.Thread):
                 self.manager.shutdown()
             except Exception:  # noqa: BLE001 - it may be dead already
                 pass
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            self._ended = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _stop_worker(self, w: Worker) -> None:
         stop_group(
