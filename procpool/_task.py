@@ -61,8 +61,11 @@ class TaskFuture(Future[Any]):
         return executor.cancel_task(self.task_id)
 
     def _mark_cancelled(self) -> None:
-        # Called by the supervisor only: the plain Future cancellation.
+        # Called by the supervisor only. A cancelled Future wakes wait() and
+        # as_completed() only once it is also "notified", as executors do
+        # when they would have started it.
         super().cancel()
+        self.set_running_or_notify_cancel()
 
 
 class Task:

@@ -66,6 +66,8 @@ def test_cancel_a_queued_task(make_executor: Callable[..., DistributedExecutor],
     assert executor.cancel_task(queued) is False
     with pytest.raises(TaskCancelledError):
         executor.get_task_result(queued, timeout=5)
+    (error,) = executor.wait_for_tasks([queued], timeout=5)  # a cancelled future wakes waiters
+    assert isinstance(error, TaskCancelledError)
     gate.touch()
     assert executor.get_task(queued).status is TaskStatus.CANCELLED
     stats = executor.get_stats()

@@ -1,0 +1,103 @@
+"""Hypothesis stateful test: submit, batch, cancel, worker kills and timeouts, mixed.
+
+Invariants checked (DESIGN.md): stats add up after every step; in the end
+every task is in exactly one terminal state, reported exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import faults
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from procpool import DistributedExecutor, TaskPriority, TaskRecord, TaskStatus
+from procpool._states import TERMINAL
+
+KINDS = {
+    "ok": (faults.double, (3,), None),
+    "raise": (faults.raise_value_error, (), None),
+    "die": (faults.kill_self, (), None),
+    "hang": (faults.hang, (), 0.2),
+    "slow": (faults.sleep_then, (0.05, 1), None),
+}
+PARTS = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
+
+
+class ExecutorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.executor = DistributedExecutor(max_local_workers=2, task_timeout=20, max_retries=1, kill_grace=0.2)
+        self.kinds: dict[str, str] = {}
+        self.cancelled: set[str] = set()
+        self.terminal_events: Counter[str] = Counter()
+        for event in ("task_complete", "task_failed", "task_cancelled"):
+            self.executor.register_callback(event, self._count)
+
+    def _count(self, record: TaskRecord) -> None:
+        self.terminal_events[record.task_id] += 1
+
+    @rule(kind=st.sampled_from(sorted(KINDS)), priority=st.sampled_from(list(TaskPriority)))
+    def submit(self, kind: str, priority: TaskPriority) -> None:
+        fn, args, timeout = KINDS[kind]
+        self.kinds[self.executor.submit_task(fn, args, priority=priority, timeout=timeout)] = kind
+
+    @rule(kinds=st.lists(st.sampled_from(["ok", "slow", "raise"]), min_size=1, max_size=5))
+    def submit_batch(self, kinds: list[str]) -> None:
+        ids = self.executor.submit_batch([KINDS[k][:2] for k in kinds], priority=TaskPriority.HIGH)
+        self.kinds.update(zip(ids, kinds, strict=True))
+
+    @precondition(lambda self: bool(self.kinds))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        task_id = data.draw(st.sampled_from(sorted(self.kinds)))
+        if self.executor.cancel_task(task_id):
+            self.cancelled.add(task_id)
+            assert self.executor.get_task(task_id).status is TaskStatus.CANCELLED
+
+    @rule(slot=st.integers(0, 1))
+    def kill_worker(self, slot: int) -> None:
+        pid = self.executor.get_stats()["workers"][f"local-worker-{slot}"]["pid"]
+        if pid > 0:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @invariant()
+    def stats_add_up(self) -> None:
+        stats = self.executor.get_stats()
+        assert stats["total_tasks"] == len(self.kinds)
+        assert stats["total_tasks"] == sum(stats[k] for k in PARTS)
+
+    def teardown(self) -> None:
+        try:
+            self.executor.wait_for_tasks(list(self.kinds), timeout=60)
+        finally:
+            self.executor.shutdown(wait=True)
+        for task_id, kind in self.kinds.items():
+            record = self.executor.get_task(task_id)
+            assert record.status in TERMINAL
+            assert self.terminal_events[task_id] == 1, (task_id, self.terminal_events[task_id])
+            if task_id in self.cancelled:
+                assert record.status is TaskStatus.CANCELLED
+            elif kind == "hang":
+                assert record.status is TaskStatus.CANCELLED
+            elif kind in ("raise", "die"):
+                assert record.status is TaskStatus.FAILED
+        stats = self.executor.get_stats()
+        assert stats["pending_tasks"] == stats["running_tasks"] == 0
+        assert stats["total_tasks"] == sum(stats[k] for k in PARTS)
+
+
+ExecutorMachine.TestCase.settings = settings(
+    max_examples=15,
+    stateful_step_count=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestExecutorMachine = ExecutorMachine.TestCase
