@@ -6,8 +6,8 @@
 The worker holds at most the one task it runs. It reports ``started`` before
 running a task (the supervisor starts the deadline clock then) and ``done``
 with the pickled outcome after. After a failed task it waits for the
-supervisor's go-ahead, so a retry is queued again before its next take. It never decides about retries or deadlines:
-the supervisor does, from outside.
+supervisor's go-ahead, so a retry is queued again before its next take.
+It never decides about retries or deadlines: the supervisor does, from outside.
 """
 
 from __future__ import annotations

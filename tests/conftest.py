@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so workers can import faults
 
-from procpool import DistributedExecutor  # noqa: E402
+from procpool import DistributedExecutor
 
 SHUTDOWN_BUDGET = 10.0  # seconds a shutdown may take before the test fails
 LEAK_WAIT = 5.0  # seconds for killed processes to be reaped before they count as leaked

@@ -106,9 +106,7 @@ def spawn_grandchild_and_hang(pid_file: str) -> None:
 
 def spawn_escapee_and_hang(pid_file: str) -> None:
     """Starts a child in its own session (outside the worker's group), then hangs."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True
-    )
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
     Path(pid_file).write_text(str(child.pid))
     hang()
 

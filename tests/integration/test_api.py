@@ -57,7 +57,10 @@ def test_lambdas_and_closures_travel_by_value(executor: DistributedExecutor) -> 
     def add(x: int) -> int:
         return x + offset
 
-    assert executor.wait_for_tasks([executor.submit_task(add, (1,)), executor.submit_task(lambda: 7)]) == [11, 7]
+    assert executor.wait_for_tasks([executor.submit_task(add, (1,)), executor.submit_task(lambda: 7)]) == [
+        11,
+        7,
+    ]
 
 
 def test_it_is_a_concurrent_futures_executor(executor: DistributedExecutor) -> None:
@@ -95,7 +98,7 @@ def test_get_task_result_waits_and_times_out(executor: DistributedExecutor, tmp_
     gate = tmp_path / "gate"
     task_id = executor.submit_task(faults.wait_for_file, (str(gate),))
     assert executor.get_task_result(task_id, wait=False) is None
-    with pytest.raises(TimeoutError, match="has not finished after 0.1 s"):
+    with pytest.raises(TimeoutError, match=r"has not finished after 0\.1 s"):
         executor.get_task_result(task_id, timeout=0.1)
     gate.touch()
     assert executor.get_task_result(task_id) == str(gate)
@@ -110,10 +113,15 @@ def test_wait_for_tasks_puts_errors_in_place(executor: DistributedExecutor) -> N
 
 
 def test_task_record_fields(executor: DistributedExecutor) -> None:
-    task_id = executor.submit_task(function=faults.double, args=(10, ), priority=TaskPriority.HIGH)
+    task_id = executor.submit_task(function=faults.double, args=(10,), priority=TaskPriority.HIGH)
     executor.get_task_result(task_id, timeout=10)
     record = executor.get_task(task_id)
-    assert (record.task_id, record.status, record.result, record.error) == (task_id, TaskStatus.COMPLETED, 20, None)
+    assert (record.task_id, record.status, record.result, record.error) == (
+        task_id,
+        TaskStatus.COMPLETED,
+        20,
+        None,
+    )
     assert record.attempts == 1 and record.worker in executor.get_stats()["workers"]
     assert record.submitted_at <= record.started_at <= record.finished_at  # type: ignore[operator]
     assert record.priority is TaskPriority.HIGH and record.done

@@ -92,7 +92,9 @@ def test_a_huge_result_arrives_whole(executor: DistributedExecutor) -> None:
 
 
 @pytest.mark.parametrize("fn", [faults.spawn_grandchild_and_hang, faults.spawn_escapee_and_hang])
-def test_children_of_a_killed_task_die_with_it(executor: DistributedExecutor, tmp_path: Path, fn: object) -> None:
+def test_children_of_a_killed_task_die_with_it(
+    executor: DistributedExecutor, tmp_path: Path, fn: object
+) -> None:
     pid_file = tmp_path / "child.pid"
     task_id = executor.submit_task(fn, (str(pid_file),), timeout=1.0)  # type: ignore[arg-type]
     with pytest.raises(TaskTimeoutError):

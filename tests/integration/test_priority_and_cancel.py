@@ -24,7 +24,9 @@ def hold_worker(executor: DistributedExecutor, gate: Path) -> str:
     return task_id
 
 
-def test_priorities_then_submission_order(make_executor: Callable[..., DistributedExecutor], tmp_path: Path) -> None:
+def test_priorities_then_submission_order(
+    make_executor: Callable[..., DistributedExecutor], tmp_path: Path
+) -> None:
     executor = make_executor(max_local_workers=1)
     gate, log = tmp_path / "gate", tmp_path / "log"
     hold_worker(executor, gate)
@@ -38,7 +40,9 @@ def test_priorities_then_submission_order(make_executor: Callable[..., Distribut
     assert order == ["urgent-1", "urgent-2", "high-1", "normal-1", "normal-2", "low-1", "low-2"]
 
 
-def test_a_retried_task_keeps_its_place(make_executor: Callable[..., DistributedExecutor], tmp_path: Path) -> None:
+def test_a_retried_task_keeps_its_place(
+    make_executor: Callable[..., DistributedExecutor], tmp_path: Path
+) -> None:
     executor = make_executor(max_local_workers=1, max_retries=2)
     gate, log, marks = tmp_path / "gate", tmp_path / "log", tmp_path / "marks"
     marks.mkdir()
@@ -92,11 +96,15 @@ def test_cancel_a_finished_task_returns_false(executor: DistributedExecutor) -> 
     assert executor.get_task(task_id).status is TaskStatus.COMPLETED
 
 
-def test_urgent_work_is_not_stuck_behind_a_batch(make_executor: Callable[..., DistributedExecutor], tmp_path: Path) -> None:
+def test_urgent_work_is_not_stuck_behind_a_batch(
+    make_executor: Callable[..., DistributedExecutor], tmp_path: Path
+) -> None:
     executor = make_executor(max_local_workers=1)
     gate, log = tmp_path / "gate", tmp_path / "log"
     hold_worker(executor, gate)
-    batch = executor.submit_batch([(faults.record_order, (str(log), f"b{i}")) for i in range(20)], TaskPriority.LOW)
+    batch = executor.submit_batch(
+        [(faults.record_order, (str(log), f"b{i}")) for i in range(20)], TaskPriority.LOW
+    )
     urgent = executor.submit_task(faults.record_order, (str(log), "urgent"), priority=TaskPriority.URGENT)
     gate.touch()
     executor.wait_for_tasks([*batch, urgent], timeout=20)

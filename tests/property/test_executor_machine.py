@@ -31,7 +31,9 @@ PARTS = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "c
 class ExecutorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.executor = DistributedExecutor(max_local_workers=2, task_timeout=20, max_retries=1, kill_grace=0.2)
+        self.executor = DistributedExecutor(
+            max_local_workers=2, task_timeout=20, max_retries=1, kill_grace=0.2
+        )
         self.kinds: dict[str, str] = {}
         self.cancelled: set[str] = set()
         self.terminal_events: Counter[str] = Counter()
@@ -83,9 +85,7 @@ class ExecutorMachine(RuleBasedStateMachine):
             record = self.executor.get_task(task_id)
             assert record.status in TERMINAL
             assert self.terminal_events[task_id] == 1, (task_id, self.terminal_events[task_id])
-            if task_id in self.cancelled:
-                assert record.status is TaskStatus.CANCELLED
-            elif kind == "hang":
+            if task_id in self.cancelled or kind == "hang":
                 assert record.status is TaskStatus.CANCELLED
             elif kind in ("raise", "die"):
                 assert record.status is TaskStatus.FAILED

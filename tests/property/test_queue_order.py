@@ -50,7 +50,9 @@ def test_take_always_returns_the_best_waiting_task(steps: list[tuple[str, int]])
     assert queue.depth() == len(waiting)
 
 
-@given(st.lists(st.tuples(st.integers(0, 9), st.floats(0, 100, allow_nan=False)), max_size=40), st.floats(0, 100))
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.floats(0, 100, allow_nan=False)), max_size=40), st.floats(0, 100)
+)
 def test_timers_pop_exactly_the_due_keys_in_order(sets: list[tuple[int, float]], now: float) -> None:
     timers = Timers()
     model: dict[int, float] = {}
