@@ -24,7 +24,8 @@ import cloudpickle
 from ._callbacks import Callbacks
 from ._config import Config, check_positive, check_priority
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
-from ._metrics import MetricsBlock, read_snapshot
+from ._metrics import PENDING, MetricsBlock, read_snapshot
+from ._outbox import Outbox
 from ._states import TERMINAL, TaskPriority, TaskStatus
 from ._supervisor import Supervisor
 from ._task import Task, TaskFuture, TaskRecord
@@ -95,7 +96,7 @@ class DistributedExecutor(concurrent.futures.Executor):
                 f"the executor could not start: {self._supervisor.start_error!r}"
             ) from self._supervisor.start_error
         assert self._supervisor.queue is not None
-        self._queue = self._supervisor.queue
+        self._outbox = Outbox(self._supervisor.queue)
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def __repr__(self) -> str:
@@ -184,25 +185,24 @@ class DistributedExecutor(concurrent.futures.Executor):
                 task_id = f"task-{seq}"
                 future = TaskFuture(task_id, self)
                 tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now))
-            self._count_new(tasks, +1)
+            self._count_new(tasks)
             for task in tasks:
                 self._tasks[task.task_id] = task
-            try:
-                self._queue.put_many([(int(prio), t.seq, t.task_id, 1, t.payload) for t in tasks])  # type: ignore[misc]
-            except (OSError, EOFError) as exc:
-                for task in tasks:
-                    del self._tasks[task.task_id]
-                self._count_new(tasks, -1)
-                raise BrokenPoolError("the procpool manager process is gone; create a new executor") from exc
+            self._outbox.add(
+                [
+                    (int(prio), t.seq, t.task_id, 1, payload)
+                    for t, payload in zip(tasks, payloads, strict=True)
+                ]
+            )
         return tasks
 
-    def _count_new(self, tasks: list[Task], sign: int) -> None:
+    def _count_new(self, tasks: list[Task]) -> None:
         counters = self._metrics.counters
         with self._metrics.header_lock:
-            counters.total += sign * len(tasks)
-            counters.pending += sign * len(tasks)
+            counters.total += len(tasks)
+            counters.states[PENDING] += len(tasks)
             for task in tasks:
-                counters.depth[task.priority] += sign
+                counters.depth[task.priority] += 1
         self._metrics.publish()
 
     # -- results ---------------------------------------------------------------
@@ -339,6 +339,7 @@ class DistributedExecutor(concurrent.futures.Executor):
             if self._final_stats is not None:
                 return
             self._supervisor.join()
+            self._outbox.close()
             self._callbacks.close()
             stats = self.get_stats()
             for worker in stats["workers"].values():

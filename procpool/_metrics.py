@@ -72,16 +72,16 @@ class WorkerState:
     NAMES = ("starting", "idle", "running", "stopped")
 
 
+# Indexes into HeaderCounters.states.
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = range(5)
+
+
 @dataclass(slots=True)
 class HeaderCounters:
-    """Pool totals kept by the caller. Invariant: total = pending+running+completed+failed+cancelled."""
+    """Pool totals kept by the caller. Invariant: total == sum(states)."""
 
     total: int = 0
-    pending: int = 0  # PENDING and RETRYING
-    running: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
+    states: list[int] = field(default_factory=lambda: [0] * 5)  # by PENDING (with RETRYING) ... CANCELLED
     retried: int = 0  # retries scheduled, over all tasks
     exec_time_sum: float = 0.0
     exec_count: int = 0
@@ -133,8 +133,7 @@ class MetricsBlock:
         c = self.counters
         with self._header_lock:
             self._header.write(
-                c.total, c.pending, c.running, c.completed, c.failed, c.cancelled,
-                c.retried, c.exec_time_sum, c.exec_count, *c.depth,
+                c.total, *c.states, c.retried, c.exec_time_sum, c.exec_count, *c.depth,
             )  # fmt: skip
 
     @property

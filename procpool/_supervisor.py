@@ -19,17 +19,20 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
+import selectors
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from . import _metrics as metrics
 from ._errors import (
     BrokenPoolError,
     RemoteTaskError,
@@ -54,12 +57,12 @@ _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
 _BUCKET = {
-    TaskStatus.PENDING: "pending",
-    TaskStatus.RETRYING: "pending",
-    TaskStatus.RUNNING: "running",
-    TaskStatus.COMPLETED: "completed",
-    TaskStatus.FAILED: "failed",
-    TaskStatus.CANCELLED: "cancelled",
+    TaskStatus.PENDING: metrics.PENDING,
+    TaskStatus.RETRYING: metrics.PENDING,
+    TaskStatus.RUNNING: metrics.RUNNING,
+    TaskStatus.COMPLETED: metrics.COMPLETED,
+    TaskStatus.FAILED: metrics.FAILED,
+    TaskStatus.CANCELLED: metrics.CANCELLED,
 }
 EVENT_OF = {
     TaskStatus.COMPLETED: "task_complete",
@@ -82,6 +85,10 @@ class Worker:
     doom: str | None = None  # why it is being killed: "timeout" or "cancel"
     strays: list[Any] = field(default_factory=list)  # descendants outside its group
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
+    poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
+
+    def readable(self) -> bool:
+        return bool(self.poller.poll(0))
 
 
 class Supervisor(threading.Thread):
@@ -100,6 +107,7 @@ class Supervisor(threading.Thread):
         self.timers = Timers()
         self.commands: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = os.pipe()
+        self._selector = selectors.DefaultSelector()  # wake pipe, manager, each worker's pipe and exit
         self._wake_lock = threading.Lock()  # no write may reach the pipe's fds once closed
         self._ended = False
         self._closing = False
@@ -143,38 +151,33 @@ class Supervisor(threading.Thread):
 
     def _loop(self) -> None:
         assert self.manager is not None
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         manager_sentinel = self.manager._process.sentinel  # type: ignore[attr-defined]
+        self._selector.register(manager_sentinel, selectors.EVENT_READ, ("manager", None))
         while not (self._closing and self._idle()) and self._broken is None:
             due = self.timers.next_due()
             timeout = None if due is None else max(0.0, due - time.monotonic())
-            waitables: list[Any] = [self._wake_r, manager_sentinel]
-            for w in self.workers.values():
-                waitables += (w.conn, w.process.sentinel)
-            for obj in wait(waitables, timeout):
-                if obj == self._wake_r:
+            for key, _ in self._selector.select(timeout):
+                kind, w = key.data  # w is None for "wake" and "manager"
+                if kind == "wake":
                     os.read(self._wake_r, 4096)
-                elif obj == manager_sentinel:
+                elif kind == "manager":
                     self._manager_lost()
                     return
-                else:
-                    self._on_ready(obj)
+                elif self._is_live(w):  # not reaped earlier in this round
+                    self._drain(w)
+                    if kind == "exit":
+                        self._reap(w)
             while self.commands:
                 self.commands.popleft()()
             self._fire_timers(time.monotonic())
 
-    def _idle(self) -> bool:
-        c = self.metrics.counters
-        return c.pending + c.running == 0
+    def _is_live(self, w: Worker) -> bool:
+        return self.workers.get(w.slot) is w
 
-    def _on_ready(self, obj: Any) -> None:
-        for w in list(self.workers.values()):
-            if obj is w.conn:
-                self._drain(w)
-                return
-            if obj == w.process.sentinel:
-                self._drain(w)
-                self._reap(w)
-                return
+    def _idle(self) -> bool:
+        states = self.metrics.counters.states
+        return states[metrics.PENDING] + states[metrics.RUNNING] == 0
 
     # -- workers -------------------------------------------------------------
 
@@ -201,7 +204,10 @@ class Supervisor(threading.Thread):
             os.setpgid(process.pid, process.pid)  # closes the race with the child's own call
         except OSError:
             pass  # it already did (or exec'd, under spawn)
-        self.workers[slot] = Worker(name, key, slot, process, reader)
+        w = self.workers[slot] = Worker(name, key, slot, process, reader, poller=select.poll())
+        w.poller.register(reader.fileno(), select.POLLIN)
+        self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
+        self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", w))
         self._publish_slot(slot, name, process.pid, active=True)
 
     def _publish_slot(self, slot: int, name: str, pid: int, active: bool, lost: int = 0) -> None:
@@ -210,9 +216,14 @@ class Supervisor(threading.Thread):
         created = old[4] or time.monotonic()
         section.write(name.encode(), 1, int(active), pid, created, self._restarts[slot], old[6] + lost)
 
+    def _forget(self, w: Worker) -> None:
+        del self.workers[w.slot]
+        self._selector.unregister(w.conn.fileno())
+        self._selector.unregister(w.process.sentinel)
+
     def _drain(self, w: Worker) -> None:
         try:
-            while w.conn.poll():
+            while w.readable():
                 message = w.conn.recv()
                 if message[0] == "started":
                     self._on_started(w, message[1], message[2])
@@ -223,7 +234,7 @@ class Supervisor(threading.Thread):
 
     def _reap(self, w: Worker) -> None:
         """A worker process ended: account for its task, sweep its group, replace it."""
-        del self.workers[w.slot]
+        self._forget(w)
         # The sentinel closes a moment before the process can be reaped.
         w.process.join(_REAP_WAIT)
         exitcode = w.process.exitcode
@@ -340,10 +351,7 @@ class Supervisor(threading.Thread):
                 bad = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
                 self._fail_attempt(task, w.name, bad, retryable=False, elapsed=elapsed)
                 return
-            self._move(
-                task, TaskStatus.COMPLETED, result=value, finished_at=time.time(), execution_time=elapsed
-            )
-            self._count_execution(elapsed)
+            self._move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
             return
         error = _rebuild_error(blob, type_name, text, tb)
         self._fail_attempt(task, w.name, error, retryable=retryable, elapsed=elapsed)
@@ -356,17 +364,13 @@ class Supervisor(threading.Thread):
             log.info("task %s attempt %d failed (%r); retrying", task.task_id, task.attempt, error)
             task.attempt += 1
             self._move(task, TaskStatus.RETRYING, error=error)
-            with self.metrics.header_lock:
-                self.metrics.counters.retried += 1
             assert self.queue is not None and task.payload is not None
             try:
                 self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
             except (OSError, EOFError):
                 pass  # the manager is gone; its sentinel fails every task
             return
-        self._move(task, TaskStatus.FAILED, error=error, finished_at=time.time(), execution_time=elapsed)
-        if elapsed is not None:
-            self._count_execution(elapsed)
+        self._move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
 
     def _on_deadline(self, task_id: str, attempt: int) -> None:
         task = self.ex._tasks.get(task_id)
@@ -394,7 +398,8 @@ class Supervisor(threading.Thread):
         holder: str | None = task.worker if task.status is TaskStatus.RUNNING else None
         if holder is None:
             assert self.queue is not None
-            where = self.queue.cancel(task_id)
+            with self.ex._outbox.flush_lock:
+                where = "removed" if self.ex._outbox.discard(task_id) else self.queue.cancel(task_id)
             if where is None:
                 return False  # it already ran to the end; its result is on the way
             holder = None if where == "removed" else where
@@ -423,19 +428,31 @@ class Supervisor(threading.Thread):
 
     # -- state changes -------------------------------------------------------
 
-    def _move(self, task: Task, status: TaskStatus, **changes: Any) -> None:
-        """The one place a task changes state: record, counters, future, callbacks."""
+    def _move(self, task: Task, status: TaskStatus, elapsed: float | None = None, **changes: Any) -> None:
+        """The one place a task changes state: record, counters, future, callbacks.
+
+        ``elapsed`` (seconds an attempt ran) counts towards the average execution time.
+        """
         old = task.status
         task.status = advance(old, status)
-        task.record = rec = replace(task.record, status=status, attempts=task.attempt, **changes)
+        if elapsed is not None:
+            changes["execution_time"] = elapsed
+        task.record = rec = task.record._replace(status=status, attempts=task.attempt, **changes)
         counters = self.metrics.counters
         with self.metrics.header_lock:
             ob, nb = _BUCKET[old], _BUCKET[status]
             if ob != nb:
-                setattr(counters, ob, getattr(counters, ob) - 1)
-                setattr(counters, nb, getattr(counters, nb) + 1)
-                if ob == "pending" or nb == "pending":
-                    counters.depth[task.priority] += 1 if nb == "pending" else -1
+                counters.states[ob] -= 1
+                counters.states[nb] += 1
+                if ob == metrics.PENDING:
+                    counters.depth[task.priority] -= 1
+                elif nb == metrics.PENDING:
+                    counters.depth[task.priority] += 1
+            if status is TaskStatus.RETRYING:
+                counters.retried += 1
+            if elapsed is not None:
+                counters.exec_time_sum += elapsed
+                counters.exec_count += 1
         self.metrics.publish()
         if status in TERMINAL:
             task.payload = None
@@ -451,12 +468,6 @@ class Supervisor(threading.Thread):
         else:
             assert rec.error is not None
             fut.set_exception(rec.error)
-
-    def _count_execution(self, elapsed: float) -> None:
-        with self.metrics.header_lock:
-            self.metrics.counters.exec_time_sum += elapsed
-            self.metrics.counters.exec_count += 1
-        self.metrics.publish()
 
     def _fail_all(self, error: BrokenPoolError) -> None:
         self._broken = error
@@ -503,13 +514,14 @@ class Supervisor(threading.Thread):
             self._ended = True
             os.close(self._wake_r)
             os.close(self._wake_w)
+        self._selector.close()
 
     def _stop_worker(self, w: Worker) -> None:
         stop_group(
             w.process.pid, self.cfg.kill_grace, lambda t: w.process.join(t) or w.process.exitcode is not None
         )
         w.process.join()
-        del self.workers[w.slot]
+        self._forget(w)
         w.conn.close()
         self._publish_slot(w.slot, w.name, 0, active=False)
         w.process.close()
