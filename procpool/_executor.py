@@ -211,6 +211,13 @@ class DistributedExecutor(concurrent.futures.Executor):
         """A snapshot of the task. Raises KeyError for an unknown id."""
         return self._task(task_id).record
 
+    def future(self, task_id: str) -> concurrent.futures.Future[Any]:
+        """The task's ``concurrent.futures.Future`` (for ``asyncio.wrap_future``, callbacks, ``wait``).
+
+        Raises KeyError for an unknown id.
+        """
+        return self._task(task_id).future
+
     def get_task_result(self, task_id: str, wait: bool = True, timeout: float | None = 30) -> Any:
         """The task's return value.
 

@@ -26,6 +26,7 @@ The block is created with mode 0600 (``SharedMemory``'s default) under a
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import struct
@@ -57,6 +58,9 @@ _SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqq")  # seq name kind active pid cre
 _SUPERVISOR_AT = 0
 _WORKER = struct.Struct("<QqB7x40sdqqdd")  # seq pid state task started completed failed busy hb
 _WORKER_AT = 96
+# Both sections of a slot in one unpack (the supervisor section padded to the worker's offset).
+_SLOT = struct.Struct("<Q32sBBxxxxxxqdqq16xQqB7x40sdqqdd")
+_KIND_AT = 40  # the kind byte of the supervisor section; 0 while the slot was never used
 _SEQ = struct.Struct("<Q")
 
 KIND_NAMES = {0: "empty", 1: "local", 2: "remote_ssh"}
@@ -250,15 +254,6 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
     header = _consistent_copy(buf, _COUNTERS_AT, _COUNTERS.size)
     (_, total, pending, running, completed, failed, cancelled, retried,
      exec_sum, exec_count, *depth) = _COUNTERS.unpack(header)  # fmt: skip
-    workers: dict[str, dict[str, Any]] = {}
-    now = time.monotonic()
-    for slot in range(slots):
-        base = HEADER_SIZE + slot * SLOT_SIZE
-        sup = _checked(snap, buf, base + _SUPERVISOR_AT, _SUPERVISOR)
-        if sup[2] == 0:
-            continue
-        wrk = _checked(snap, buf, base + _WORKER_AT, _WORKER)
-        workers[sup[1].rstrip(b"\0").decode()] = _worker_view(sup, wrk, now)
     return {
         "version": version,
         "creator_pid": creator,
@@ -272,31 +267,59 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
         "retried_tasks": retried,
         "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
         "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
-        "workers": workers,
+        "workers": _read_workers(buf, snap, slots),
     }
 
 
-def _checked(snap: bytes, buf: memoryview, start: int, layout: struct.Struct) -> tuple[Any, ...]:
-    seq = _SEQ.unpack_from(snap, start)[0]
-    if not seq & 1 and _SEQ.unpack_from(buf, start)[0] == seq:
-        return layout.unpack_from(snap, start)
-    return layout.unpack(_consistent_copy(buf, start, layout.size))
+def _read_workers(buf: memoryview, snap: bytes, slots: int) -> dict[str, dict[str, Any]]:
+    # A section is consistent in ``snap`` if its counter was even there and is
+    # the same in a second copy made after; usually the copies are identical.
+    again = bytes(buf)
+    same = snap == again
+    workers: dict[str, dict[str, Any]] = {}
+    now = time.monotonic()
+    unpack = _SLOT.unpack_from
+    running, names = WorkerState.RUNNING, WorkerState.NAMES
+    for base in range(HEADER_SIZE, HEADER_SIZE + slots * SLOT_SIZE, SLOT_SIZE):
+        if snap[base + _KIND_AT] == 0:
+            continue  # never used
+        w_at = base + _WORKER_AT
+        if snap[base] & 1 or snap[w_at] & 1 or not (same or _steady(snap, again, base, w_at)):
+            fields = _fresh_slot(buf, base)
+        else:
+            fields = unpack(snap, base)
+        (_, name, kind, active, pid, born, restarts, lost,
+         _, _, state, task, _, completed, failed, busy, heartbeat) = fields  # fmt: skip
+        workers[_name(name)] = {
+            "type": KIND_NAMES.get(kind, "unknown"),
+            "active": active == 1,
+            "state": names[state] if active else "stopped",
+            "current_task": _name(task) if active and state == running else None,
+            "completed": completed,
+            "failed": failed + lost,
+            "load": min(busy / (now - born), 1.0) if now > born else 0.0,  # share of its life spent busy
+            "pid": pid,
+            "restarts": restarts,
+            "heartbeat_age": now - heartbeat if heartbeat else None,
+        }
+    return workers
 
 
-def _worker_view(sup: tuple[Any, ...], wrk: tuple[Any, ...], now: float) -> dict[str, Any]:
-    _, _, kind, active, pid, created, restarts, lost = sup
-    _, _, state, task, _, completed, failed, busy, heartbeat = wrk
-    running = state == WorkerState.RUNNING and bool(active)
-    age = max(now - created, 1e-9)
-    return {
-        "type": KIND_NAMES.get(kind, "unknown"),
-        "active": bool(active),
-        "state": WorkerState.NAMES[state] if active else "stopped",
-        "current_task": task.rstrip(b"\0").decode() if running else None,
-        "completed": completed,
-        "failed": failed + lost,
-        "load": round(min(busy / age, 1.0), 3),
-        "pid": pid,
-        "restarts": restarts,
-        "heartbeat_age": round(now - heartbeat, 3) if heartbeat else None,
-    }
+def _steady(snap: bytes, again: bytes, *starts: int) -> bool:
+    return all(snap[at : at + 8] == again[at : at + 8] for at in starts)
+
+
+def _fresh_slot(buf: memoryview, base: int) -> tuple[Any, ...]:
+    """Copy one slot again until neither of its sections is mid-write."""
+    for _ in range(_READ_ATTEMPTS):
+        data = bytes(buf[base : base + SLOT_SIZE])
+        seqs = (data[0:8], data[_WORKER_AT : _WORKER_AT + 8])
+        again = (bytes(buf[base : base + 8]), bytes(buf[base + _WORKER_AT : base + _WORKER_AT + 8]))
+        if seqs == again and not data[0] & 1 and not data[_WORKER_AT] & 1:
+            break
+    return _SLOT.unpack_from(data)  # after the last attempt: its writer died mid-write, may be torn
+
+
+@functools.lru_cache(maxsize=1024)
+def _name(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode()

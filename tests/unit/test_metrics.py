@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from procpool._metrics import (
+    COMPLETED,
     HEADER_SIZE,
+    PENDING,
     MetricsBlock,
     SlotWriter,
     active_worker_pids,
@@ -40,10 +42,16 @@ def test_block_is_private_to_the_user(block: MetricsBlock) -> None:
 
 def test_counters_round_trip(block: MetricsBlock) -> None:
     c = block.counters
-    c.total, c.pending, c.completed, c.exec_time_sum, c.exec_count = 5, 2, 3, 6.0, 3
+    c.total, c.exec_time_sum, c.exec_count = 5, 6.0, 3
+    c.states[PENDING], c.states[COMPLETED] = 2, 3
     c.depth[1] = 2
     block.publish()
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 7, 1.0, 0, 0)
+    writer = SlotWriter(block.name, 0)
+    writer.finished(ok=False, elapsed=0.1)  # worker figures must not leak into the totals
+    writer.close()
     snap = snapshot(block)
+    assert snap["failed_tasks"] == 0 and snap["workers"]["local-worker-0"]["failed"] == 1  # type: ignore[index]
     assert snap["total_tasks"] == 5 and snap["completed_tasks"] == 3
     assert snap["avg_execution_time"] == 2.0
     assert snap["queue_depth"] == {"URGENT": 0, "HIGH": 2, "NORMAL": 0, "LOW": 0}
@@ -92,3 +100,11 @@ def test_close_unlinks_and_is_idempotent() -> None:
     b.close()
     b.close()
     assert not (Path("/dev/shm") / b.name).exists()
+
+
+def test_a_reader_never_waits_on_a_writer_that_died_mid_write(block: MetricsBlock) -> None:
+    block.supervisor_section(2).write(b"local-worker-2", 1, 1, 99, 1.0, 0, 0)
+    buf = block.shm.buf
+    assert buf is not None
+    struct.pack_into("<Q", buf, HEADER_SIZE + 2 * 256 + 96, 5)  # odd for ever: its writer is dead
+    assert snapshot(block)["workers"]["local-worker-2"]["pid"] == 99  # type: ignore[index]

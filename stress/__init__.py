@@ -1,0 +1,1 @@
+"""Runnable stress, chaos and benchmark scenarios for procpool (``python -m stress``)."""

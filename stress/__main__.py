@@ -1,0 +1,22 @@
+"""``python -m stress [demo|compare] [options]``: the demo runs when no scenario is named."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import compare, demo
+
+
+def main(argv: list[str]) -> int:
+    scenarios = {"demo": demo, "compare": compare}
+    name = argv[0] if argv and argv[0] in scenarios else "demo"
+    rest = argv[1:] if argv and argv[0] in scenarios else argv
+    module = scenarios[name]
+    parser = argparse.ArgumentParser(prog=f"python -m stress {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,90 @@
+"""Helpers the scenarios share: leak checks, percentiles, tables, reports."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+OUT = Path("stress-out")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
+
+
+# Helpers that peers start once per interpreter and keep on purpose.
+FOREIGN_HELPERS = ("loky.backend.resource_tracker",)
+
+
+def leftovers(timeout: float = 5.0) -> list[str]:
+    """Descendant processes and procpool shared-memory blocks still there after ``timeout``."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = [p for p in psutil.Process().children(recursive=True) if p.pid != tracker and not _foreign(p)]
+        blocks = [p.name for p in Path("/dev/shm").glob(f"procpool-{psutil.Process().pid}-*")]
+        if (not procs and not blocks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    out = []
+    for p in procs:
+        try:
+            out.append(f"process {p.pid}: {' '.join(p.cmdline())[:80]}")
+        except psutil.Error:
+            continue
+    return out + [f"shared memory /dev/shm/{b}" for b in blocks]
+
+
+def _foreign(proc: psutil.Process) -> bool:
+    try:
+        command = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(helper in command for helper in FOREIGN_HELPERS)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_report(name: str, report: dict[str, Any]) -> Path:
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

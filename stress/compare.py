@@ -1,0 +1,273 @@
+"""Side by side, in one run: procpool against ProcessPoolExecutor, multiprocessing.Pool, pebble and loky.
+
+Figures are ratios from the same run on the same machine; absolute times
+are noise. Every pool gets 2 workers and the fork start method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from procpool import DistributedExecutor
+
+from . import tasks
+from .common import leftovers, percentile, say, table, write_report
+
+WORKERS = 2
+FORK = multiprocessing.get_context("fork")
+HANG_TIMEOUT = 0.2  # seconds; the deadline given to tasks that never end
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", type=int, default=10_000, help="tiny tasks per throughput run")
+    parser.add_argument("--repeat", type=int, default=10, help="runs per latency figure")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)  # the SIGKILL escalations below are expected
+    results: dict[str, dict[str, Any]] = {}
+    for name, measure in [
+        ("throughput one by one (tasks/s)", lambda: throughput(args.tasks, batched=False)),
+        ("throughput batched (tasks/s)", lambda: throughput(args.tasks, batched=True)),
+        (
+            "deadline to reported, honours SIGTERM, p99 (ms)",
+            lambda: deadline_latency(tasks.hang, args.repeat),
+        ),
+        (
+            "deadline to reported, ignores SIGTERM, p99 (ms)",
+            lambda: deadline_latency(tasks.ignore_sigterm_and_hang, 3),
+        ),
+        ("worker death to task reported, p99 (ms)", lambda: death_latency(args.repeat, "reported")),
+        ("worker death to next task done, p99 (ms)", lambda: death_latency(args.repeat, "next")),
+        ("stats read with 64 workers (us)", stats_cost),
+    ]:
+        say(f"measuring {name} ...")
+        results[name] = measure()
+    rows = []
+    for name, figures in results.items():
+        ours = figures.get("procpool")
+        for peer, value in figures.items():
+            if peer == "procpool":
+                continue
+            ratio = _ratio(name, ours, value)
+            rows.append([name, peer, value, ours, ratio])
+    say("\n" + table(["figure", "peer", "peer", "procpool", "procpool better by"], rows))
+    problems = leftovers()
+    for problem in problems:
+        say(f"PROBLEM: left behind: {problem}")
+    path = write_report("compare", {"figures": results, "problems": problems})
+    say(f"\nreport: {path}")
+    return 1 if problems else 0
+
+
+def _ratio(name: str, ours: Any, peer: Any) -> str:
+    if not isinstance(ours, float) or not isinstance(peer, float) or not ours or not peer:
+        return "-"
+    higher_is_better = "tasks/s" in name
+    return f"{(ours / peer if higher_is_better else peer / ours):.2f}x"
+
+
+# -- throughput ----------------------------------------------------------------
+
+
+def throughput(n: int, batched: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with DistributedExecutor(max_local_workers=WORKERS, task_timeout=60) as ex:
+        ex.wait_for_tasks(ex.submit_batch([(tasks.noop,)] * 100))
+        out["procpool"] = _rate(n, lambda: _procpool_run(ex, n, batched))
+    with cf.ProcessPoolExecutor(WORKERS, mp_context=FORK) as ppe:
+        list(ppe.map(tasks.noop_arg, range(100)))
+        out["ProcessPoolExecutor"] = _rate(n, lambda: _futures_run(ppe, n, batched))
+    with FORK.Pool(WORKERS) as pool:
+        pool.map(tasks.noop_arg, range(100))
+        if batched:
+            out["multiprocessing.Pool"] = _rate(n, lambda: pool.map(tasks.noop_arg, range(n), chunksize=1))
+        else:
+            out["multiprocessing.Pool"] = _rate(
+                n, lambda: [r.get() for r in [pool.apply_async(tasks.noop) for _ in range(n)]]
+            )
+    out.update(_optional_peers(n, batched))
+    return out
+
+
+def _procpool_run(ex: DistributedExecutor, n: int, batched: bool) -> None:
+    ids = ex.submit_batch([(tasks.noop,)] * n) if batched else [ex.submit_task(tasks.noop) for _ in range(n)]
+    ex.wait_for_tasks(ids, timeout=600)
+
+
+def _futures_run(executor: cf.Executor, n: int, batched: bool) -> None:
+    if batched:
+        list(executor.map(tasks.noop_arg, range(n)))
+    else:
+        for future in [executor.submit(tasks.noop) for _ in range(n)]:
+            future.result()
+
+
+def _optional_peers(n: int, batched: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        import pebble
+    except ImportError:
+        out["pebble"] = "not installed"
+    else:
+        with pebble.ProcessPool(WORKERS, context=FORK) as pool:
+            pool.map(tasks.noop_arg, range(100)).result()
+            if batched:
+                out["pebble"] = _rate(
+                    n, lambda: list(pool.map(tasks.noop_arg, range(n), timeout=60).result())
+                )
+            else:
+                out["pebble"] = _rate(
+                    n, lambda: [f.result() for f in [pool.schedule(tasks.noop, timeout=60) for _ in range(n)]]
+                )
+            pool.stop()
+    try:
+        import loky
+    except ImportError:
+        out["loky"] = "not installed"
+    else:
+        executor = loky.get_reusable_executor(WORKERS)
+        list(executor.map(tasks.noop_arg, range(100)))
+        out["loky"] = _rate(n, lambda: _futures_run(executor, n, batched))
+        executor.shutdown(wait=True, kill_workers=True)
+    return out
+
+
+def _rate(n: int, fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+# -- deadlines -----------------------------------------------------------------
+
+
+def deadline_latency(fn: Callable[[], None], repeat: int) -> dict[str, Any]:
+    """From the task's deadline (submission + timeout, on an idle pool) to its future being done."""
+    out: dict[str, Any] = {}
+    with DistributedExecutor(max_local_workers=WORKERS, max_retries=0) as ex:
+        samples = []
+        for _ in range(repeat):
+            start = time.monotonic()
+            future = ex.future(ex.submit_task(fn, timeout=HANG_TIMEOUT))
+            samples.append(_wait_done(future) - start - HANG_TIMEOUT)
+        out["procpool"] = _p99_ms(samples)
+    try:
+        import pebble
+    except ImportError:
+        out["pebble"] = "not installed"
+        return out
+    with pebble.ProcessPool(WORKERS, context=FORK) as pool:
+        samples = []
+        for _ in range(repeat):
+            start = time.monotonic()
+            future = pool.schedule(fn, timeout=HANG_TIMEOUT)
+            samples.append(_wait_done(future) - start - HANG_TIMEOUT)
+        out["pebble"] = _p99_ms(samples)
+        pool.stop()
+    for peer in ("ProcessPoolExecutor", "multiprocessing.Pool", "loky"):
+        out[peer] = "no per-task timeout"
+    return out
+
+
+def _wait_done(future: cf.Future[Any]) -> float:
+    done: list[float] = []
+    future.add_done_callback(lambda _: done.append(time.monotonic()))
+    try:
+        future.result(timeout=30)
+    except BaseException:  # noqa: BLE001 - the timeout error is what we wait for
+        pass
+    return done[0]
+
+
+def _p99_ms(samples: list[float]) -> float:
+    return 1000 * percentile(sorted(samples), 99)
+
+
+# -- worker deaths -------------------------------------------------------------
+
+
+def death_latency(repeat: int, until: str) -> dict[str, Any]:
+    """From a worker's SIGKILL (time written by its task) to the failure reported, or the next task done."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = os.path.join(tmp, "died")
+        with DistributedExecutor(max_local_workers=WORKERS, max_retries=0) as ex:
+            samples = []
+            for _ in range(repeat):
+                doomed = ex.submit(tasks.kill_self_at, marker)
+                after = ex.submit(tasks.noop)
+                samples.append(_death_sample(doomed, after, marker, until))
+            out["procpool"] = _p99_ms(samples)
+        out.update(_peer_deaths(marker, repeat, until))
+    return out
+
+
+def _death_sample(doomed: cf.Future[Any], after: cf.Future[Any] | None, marker: str, until: str) -> float:
+    reported = _wait_done(doomed)
+    with open(marker) as f:
+        died = float(f.read())
+    if until == "reported" or after is None:
+        return reported - died
+    return _wait_done(after) - died
+
+
+def _peer_deaths(marker: str, repeat: int, until: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        import pebble
+    except ImportError:
+        out["pebble"] = "not installed"
+    else:
+        with pebble.ProcessPool(WORKERS, context=FORK) as pool:
+            samples = []
+            for _ in range(repeat):
+                doomed = pool.schedule(tasks.kill_self_at, (marker,))
+                samples.append(_death_sample(doomed, pool.schedule(tasks.noop), marker, until))
+            out["pebble"] = _p99_ms(samples)
+            pool.stop()
+    samples = []
+    for _ in range(repeat):  # a broken ProcessPoolExecutor must be replaced to run the next task
+        ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=FORK)
+        doomed = ppe.submit(tasks.kill_self_at, marker)
+        reported = _wait_done(doomed)
+        ppe.shutdown(wait=True)
+        if until == "next":
+            with cf.ProcessPoolExecutor(WORKERS, mp_context=FORK) as fresh:
+                reported = _wait_done(fresh.submit(tasks.noop))
+        with open(marker) as f:
+            samples.append(reported - float(f.read()))
+    out["ProcessPoolExecutor"] = _p99_ms(samples)
+    out["multiprocessing.Pool"] = "never (the caller hangs)"
+    out["loky"] = "breaks the whole executor"
+    return out
+
+
+# -- stats ---------------------------------------------------------------------
+
+
+def stats_cost() -> dict[str, Any]:
+    """get_stats() with 64 workers, against one call on a Manager proxy."""
+    calls = 2000
+    with DistributedExecutor(max_local_workers=64) as ex:
+        ex.get_stats()
+        start = time.perf_counter()
+        for _ in range(calls):
+            stats = ex.get_stats()
+        ours = (time.perf_counter() - start) / calls * 1e6
+        assert stats["total_workers"] == 64 and stats["pending_tasks"] == 0
+    with FORK.Manager() as manager:
+        shared = manager.dict(x=1)
+        start = time.perf_counter()
+        for _ in range(calls):
+            shared.get("x")
+        proxy = (time.perf_counter() - start) / calls * 1e6
+    return {"procpool": ours, "one Manager proxy call": proxy}

@@ -1,0 +1,53 @@
+"""Task functions the scenarios submit (module-level, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def cpu(n: int) -> int:
+    """A little CPU work with a checkable answer: the sum of squares below n."""
+    return sum(i * i for i in range(n))
+
+
+def expected_cpu(n: int) -> int:
+    return (n - 1) * n * (2 * n - 1) // 6
+
+
+def noop() -> None:
+    return None
+
+
+def hang() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def ignore_sigterm_and_hang() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    hang()
+
+
+def crash(code: int = 7) -> None:
+    os._exit(code)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_self_at(marker: str) -> None:
+    """Record the monotonic time, then SIGKILL this worker (for death-latency runs)."""
+    with open(marker, "w") as f:
+        f.write(repr(time.monotonic()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail(message: str = "injected failure") -> None:
+    raise ValueError(message)
+
+
+def noop_arg(_: object) -> None:
+    return None
