@@ -100,15 +100,21 @@ def return_huge(megabytes: int = 64) -> bytes:
 def spawn_grandchild_and_hang(pid_file: str) -> None:
     """Starts a child that sleeps for ever, records its pid, then hangs."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-    Path(pid_file).write_text(str(child.pid))
+    _write_atomically(pid_file, str(child.pid))
     hang()
 
 
 def spawn_escapee_and_hang(pid_file: str) -> None:
     """Starts a child in its own session (outside the worker's group), then hangs."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
-    Path(pid_file).write_text(str(child.pid))
+    _write_atomically(pid_file, str(child.pid))
     hang()
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """So that a reader polling for ``path`` never sees it half-written."""
+    Path(path + ".tmp").write_text(text)
+    os.replace(path + ".tmp", path)
 
 
 def fail_until(marker_dir: str, failures: int, log_path: str | None = None) -> str:

@@ -70,13 +70,13 @@ def test_a_dead_manager_fails_waiting_calls_promptly(executor: DistributedExecut
 
 
 CALLER = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {tests!r})
 import faults
 from procpool import DistributedExecutor, TaskStatus
 ex = DistributedExecutor(max_local_workers=2)
 ids = [ex.submit_task(faults.spawn_grandchild_and_hang, ({pid_file!r},)), ex.submit_task(faults.hang)]
-while any(ex.get_task(i).status is not TaskStatus.RUNNING for i in ids):
+while any(ex.get_task(i).status is not TaskStatus.RUNNING for i in ids) or not os.path.exists({pid_file!r}):
     time.sleep(0.01)
 stats = ex.get_stats()
 pids = [w["pid"] for w in stats["workers"].values()] + [ex._supervisor.manager._process.pid]
