@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 
 import psutil
 
+from ._metrics import active_worker_pids
+
 __all__ = (
     "escapees",
     "kill_worker_groups",
@@ -91,8 +93,6 @@ def kill_worker_groups(shm_name: str) -> None:
 
     Run by the manager process when the caller died without shutting down.
     """
-    from ._metrics import active_worker_pids
-
     try:
         pids = active_worker_pids(shm_name)
     except Exception:  # noqa: BLE001 - the block is gone: nothing to find the workers by

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import compare, demo
+SCENARIOS = ("demo", "compare")
 
 
 def main(argv: list[str]) -> int:
-    scenarios = {"demo": demo, "compare": compare}
-    name = argv[0] if argv and argv[0] in scenarios else "demo"
-    rest = argv[1:] if argv and argv[0] in scenarios else argv
-    module = scenarios[name]
+    name = argv[0] if argv and argv[0] in SCENARIOS else "demo"
+    rest = argv[1:] if argv and argv[0] in SCENARIOS else argv
+    module = importlib.import_module(f"stress.{name}")  # compare needs the peers; the demo does not
     parser = argparse.ArgumentParser(prog=f"python -m stress {name}", description=module.__doc__)
     module.add_arguments(parser)
     return module.run(parser.parse_args(rest))

@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import loky  # the compare extra: pip install procpool[compare]
+import pebble
+
 from procpool import DistributedExecutor
 
 from . import tasks
@@ -113,31 +116,19 @@ def _futures_run(executor: cf.Executor, n: int, batched: bool) -> None:
 
 def _optional_peers(n: int, batched: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    try:
-        import pebble
-    except ImportError:
-        out["pebble"] = "not installed"
-    else:
-        with pebble.ProcessPool(WORKERS, context=FORK) as pool:
-            pool.map(tasks.noop_arg, range(100)).result()
-            if batched:
-                out["pebble"] = _rate(
-                    n, lambda: list(pool.map(tasks.noop_arg, range(n), timeout=60).result())
-                )
-            else:
-                out["pebble"] = _rate(
-                    n, lambda: [f.result() for f in [pool.schedule(tasks.noop, timeout=60) for _ in range(n)]]
-                )
-            pool.stop()
-    try:
-        import loky
-    except ImportError:
-        out["loky"] = "not installed"
-    else:
-        executor = loky.get_reusable_executor(WORKERS)
-        list(executor.map(tasks.noop_arg, range(100)))
-        out["loky"] = _rate(n, lambda: _futures_run(executor, n, batched))
-        executor.shutdown(wait=True, kill_workers=True)
+    with pebble.ProcessPool(WORKERS, context=FORK) as pool:
+        pool.map(tasks.noop_arg, range(100)).result()
+        if batched:
+            out["pebble"] = _rate(n, lambda: list(pool.map(tasks.noop_arg, range(n), timeout=60).result()))
+        else:
+            out["pebble"] = _rate(
+                n, lambda: [f.result() for f in [pool.schedule(tasks.noop, timeout=60) for _ in range(n)]]
+            )
+        pool.stop()
+    executor = loky.get_reusable_executor(WORKERS)
+    list(executor.map(tasks.noop_arg, range(100)))
+    out["loky"] = _rate(n, lambda: _futures_run(executor, n, batched))
+    executor.shutdown(wait=True, kill_workers=True)
     return out
 
 
@@ -160,11 +151,6 @@ def deadline_latency(fn: Callable[[], None], repeat: int) -> dict[str, Any]:
             future = ex.future(ex.submit_task(fn, timeout=HANG_TIMEOUT))
             samples.append(_wait_done(future) - start - HANG_TIMEOUT)
         out["procpool"] = _p99_ms(samples)
-    try:
-        import pebble
-    except ImportError:
-        out["pebble"] = "not installed"
-        return out
     with pebble.ProcessPool(WORKERS, context=FORK) as pool:
         samples = []
         for _ in range(repeat):
@@ -222,18 +208,13 @@ def _death_sample(doomed: cf.Future[Any], after: cf.Future[Any] | None, marker: 
 
 def _peer_deaths(marker: str, repeat: int, until: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    try:
-        import pebble
-    except ImportError:
-        out["pebble"] = "not installed"
-    else:
-        with pebble.ProcessPool(WORKERS, context=FORK) as pool:
-            samples = []
-            for _ in range(repeat):
-                doomed = pool.schedule(tasks.kill_self_at, (marker,))
-                samples.append(_death_sample(doomed, pool.schedule(tasks.noop), marker, until))
-            out["pebble"] = _p99_ms(samples)
-            pool.stop()
+    with pebble.ProcessPool(WORKERS, context=FORK) as pool:
+        samples = []
+        for _ in range(repeat):
+            doomed = pool.schedule(tasks.kill_self_at, (marker,))
+            samples.append(_death_sample(doomed, pool.schedule(tasks.noop), marker, until))
+        out["pebble"] = _p99_ms(samples)
+        pool.stop()
     samples = []
     for _ in range(repeat):  # a broken ProcessPoolExecutor must be replaced to run the next task
         ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=FORK)
