@@ -32,20 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from . import _metrics as metrics
 from ._errors import (
     BrokenPoolError,
     RemoteTaskError,
-    RemoteTraceback,
     TaskCancelledError,
     TaskTimeoutError,
     WorkerLostError,
 )
+from ._ledger import Ledger, rebuild_error
 from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._scheduling import Timers, describe_exit, should_retry
-from ._states import TERMINAL, TaskStatus, advance
-from ._task import Task, TaskRecord
+from ._states import TERMINAL, TaskStatus
+from ._task import Task
 from ._worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -56,20 +55,6 @@ log = logging.getLogger(__name__)
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
-_BUCKET = {
-    TaskStatus.PENDING: metrics.PENDING,
-    TaskStatus.RETRYING: metrics.PENDING,
-    TaskStatus.RUNNING: metrics.RUNNING,
-    TaskStatus.COMPLETED: metrics.COMPLETED,
-    TaskStatus.FAILED: metrics.FAILED,
-    TaskStatus.CANCELLED: metrics.CANCELLED,
-}
-EVENT_OF = {
-    TaskStatus.COMPLETED: "task_complete",
-    TaskStatus.FAILED: "task_failed",
-    TaskStatus.RETRYING: "task_retrying",
-    TaskStatus.CANCELLED: "task_cancelled",
-}
 
 
 @dataclass(slots=True)
@@ -115,6 +100,7 @@ class Supervisor(threading.Thread):
         self._crashes = [0] * self.cfg.max_local_workers  # early deaths in a row, per slot
         self._restarts = [0] * self.cfg.max_local_workers
         self._generation = itertools.count()
+        self.ledger = Ledger(self.metrics, executor._callbacks)
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
 
     # -- messages from other threads -------------------------------------
@@ -176,8 +162,7 @@ class Supervisor(threading.Thread):
         return self.workers.get(w.slot) is w
 
     def _idle(self) -> bool:
-        states = self.metrics.counters.states
-        return states[metrics.PENDING] + states[metrics.RUNNING] == 0
+        return self.ledger.unfinished() == 0
 
     # -- workers -------------------------------------------------------------
 
@@ -324,7 +309,7 @@ class Supervisor(threading.Thread):
         if task is None or task.attempt != attempt or task.status in TERMINAL or w.doom:
             return
         task.worker = w.name
-        self._move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
+        self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
         self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout)
 
     def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
@@ -351,9 +336,9 @@ class Supervisor(threading.Thread):
                 bad = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
                 self._fail_attempt(task, w.name, bad, retryable=False, elapsed=elapsed)
                 return
-            self._move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
+            self.ledger.move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
             return
-        error = _rebuild_error(blob, type_name, text, tb)
+        error = rebuild_error(blob, type_name, text, tb)
         self._fail_attempt(task, w.name, error, retryable=retryable, elapsed=elapsed)
 
     def _fail_attempt(
@@ -363,14 +348,14 @@ class Supervisor(threading.Thread):
         if retryable and should_retry(task.attempt, self.cfg.max_retries):
             log.info("task %s attempt %d failed (%r); retrying", task.task_id, task.attempt, error)
             task.attempt += 1
-            self._move(task, TaskStatus.RETRYING, error=error)
+            self.ledger.move(task, TaskStatus.RETRYING, error=error)
             assert self.queue is not None and task.payload is not None
             try:
                 self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
             except (OSError, EOFError):
                 pass  # the manager is gone; its sentinel fails every task
             return
-        self._move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
+        self.ledger.move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
 
     def _on_deadline(self, task_id: str, attempt: int) -> None:
         task = self.ex._tasks.get(task_id)
@@ -388,7 +373,9 @@ class Supervisor(threading.Thread):
             f"(pid {w.process.pid}) and its process group were killed"
         )
         elapsed = time.time() - started if started else None
-        self._move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed)
+        self.ledger.move(
+            task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed
+        )
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task (on the supervisor thread). True if it will not complete."""
@@ -409,7 +396,7 @@ class Supervisor(threading.Thread):
                 self._doom(w, "cancel")
         self.timers.discard(("deadline", task_id, task.attempt))
         error = TaskCancelledError(f"task {task_id} was cancelled")
-        self._move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
+        self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
         return True
 
     def close(self, cancel_pending: bool) -> None:
@@ -428,52 +415,11 @@ class Supervisor(threading.Thread):
 
     # -- state changes -------------------------------------------------------
 
-    def _move(self, task: Task, status: TaskStatus, elapsed: float | None = None, **changes: Any) -> None:
-        """The one place a task changes state: record, counters, future, callbacks.
-
-        ``elapsed`` (seconds an attempt ran) counts towards the average execution time.
-        """
-        old = task.status
-        task.status = advance(old, status)
-        if elapsed is not None:
-            changes["execution_time"] = elapsed
-        task.record = rec = task.record._replace(status=status, attempts=task.attempt, **changes)
-        counters = self.metrics.counters
-        with self.metrics.header_lock:
-            ob, nb = _BUCKET[old], _BUCKET[status]
-            if ob != nb:
-                counters.states[ob] -= 1
-                counters.states[nb] += 1
-                if ob == metrics.PENDING:
-                    counters.depth[task.priority] -= 1
-                elif nb == metrics.PENDING:
-                    counters.depth[task.priority] += 1
-            if status is TaskStatus.RETRYING:
-                counters.retried += 1
-            if elapsed is not None:
-                counters.exec_time_sum += elapsed
-                counters.exec_count += 1
-        self.metrics.publish()
-        if status in TERMINAL:
-            task.payload = None
-            self._settle_future(task, rec)
-        self.ex._callbacks.fire(EVENT_OF.get(status), rec)
-
-    def _settle_future(self, task: Task, rec: TaskRecord) -> None:
-        fut = task.future
-        if rec.status is TaskStatus.COMPLETED:
-            fut.set_result(rec.result)
-        elif rec.status is TaskStatus.CANCELLED and isinstance(rec.error, TaskCancelledError):
-            fut._mark_cancelled()
-        else:
-            assert rec.error is not None
-            fut.set_exception(rec.error)
-
     def _fail_all(self, error: BrokenPoolError) -> None:
         self._broken = error
         for task in self.ex._mark_broken(error):
             if task.status not in TERMINAL:
-                self._move(task, TaskStatus.FAILED, error=error, finished_at=time.time())
+                self.ledger.move(task, TaskStatus.FAILED, error=error, finished_at=time.time())
 
     def _manager_lost(self) -> None:
         assert self.manager is not None
@@ -525,17 +471,3 @@ class Supervisor(threading.Thread):
         w.conn.close()
         self._publish_slot(w.slot, w.name, 0, active=False)
         w.process.close()
-
-
-def _rebuild_error(blob: bytes | None, type_name: str, text: str, tb: str) -> BaseException:
-    """The task's own exception with the worker traceback as its cause, or a plain stand-in."""
-    error: Any = None
-    if blob is not None:
-        try:
-            error = cloudpickle.loads(blob)
-        except BaseException:  # noqa: BLE001 - e.g. an exception class whose __init__ wants other args
-            error = None
-    if not isinstance(error, BaseException):
-        error = RemoteTaskError(type_name, text, tb)
-    error.__cause__ = RemoteTraceback(tb)
-    return error  # type: ignore[no-any-return]

@@ -1,0 +1,103 @@
+"""Task state changes: the one place a task moves, and everything that follows a move.
+
+Called only from the supervisor thread. A move replaces the task's record,
+updates the pool counters in the metrics header, settles the task's Future
+when it ends, and queues the callbacks of its event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cloudpickle
+
+from . import _metrics as metrics
+from ._callbacks import Callbacks
+from ._errors import RemoteTaskError, RemoteTraceback, TaskCancelledError
+from ._states import TERMINAL, TaskStatus, advance
+from ._task import Task, TaskRecord
+
+__all__ = ("EVENT_OF", "Ledger", "rebuild_error")
+
+_BUCKET = {
+    TaskStatus.PENDING: metrics.PENDING,
+    TaskStatus.RETRYING: metrics.PENDING,
+    TaskStatus.RUNNING: metrics.RUNNING,
+    TaskStatus.COMPLETED: metrics.COMPLETED,
+    TaskStatus.FAILED: metrics.FAILED,
+    TaskStatus.CANCELLED: metrics.CANCELLED,
+}
+EVENT_OF = {
+    TaskStatus.COMPLETED: "task_complete",
+    TaskStatus.FAILED: "task_failed",
+    TaskStatus.RETRYING: "task_retrying",
+    TaskStatus.CANCELLED: "task_cancelled",
+}
+
+
+class Ledger:
+    """Moves tasks between states and keeps the pool counters in step."""
+
+    def __init__(self, block: metrics.MetricsBlock, callbacks: Callbacks) -> None:
+        self.metrics = block
+        self.callbacks = callbacks
+
+    def unfinished(self) -> int:
+        """Tasks not yet in a terminal state (queued, retrying or running)."""
+        states = self.metrics.counters.states
+        return states[metrics.PENDING] + states[metrics.RUNNING]
+
+    def move(self, task: Task, status: TaskStatus, elapsed: float | None = None, **changes: Any) -> None:
+        """The one place a task changes state: record, counters, future, callbacks.
+
+        ``elapsed`` (seconds an attempt ran) counts towards the average execution time.
+        """
+        old = task.status
+        task.status = advance(old, status)
+        if elapsed is not None:
+            changes["execution_time"] = elapsed
+        task.record = rec = task.record._replace(status=status, attempts=task.attempt, **changes)
+        counters = self.metrics.counters
+        with self.metrics.header_lock:
+            ob, nb = _BUCKET[old], _BUCKET[status]
+            if ob != nb:
+                counters.states[ob] -= 1
+                counters.states[nb] += 1
+                if ob == metrics.PENDING:
+                    counters.depth[task.priority] -= 1
+                elif nb == metrics.PENDING:
+                    counters.depth[task.priority] += 1
+            if status is TaskStatus.RETRYING:
+                counters.retried += 1
+            if elapsed is not None:
+                counters.exec_time_sum += elapsed
+                counters.exec_count += 1
+        self.metrics.publish()
+        if status in TERMINAL:
+            task.payload = None
+            self._settle_future(task, rec)
+        self.callbacks.fire(EVENT_OF.get(status), rec)
+
+    def _settle_future(self, task: Task, rec: TaskRecord) -> None:
+        fut = task.future
+        if rec.status is TaskStatus.COMPLETED:
+            fut.set_result(rec.result)
+        elif rec.status is TaskStatus.CANCELLED and isinstance(rec.error, TaskCancelledError):
+            fut._mark_cancelled()
+        else:
+            assert rec.error is not None
+            fut.set_exception(rec.error)
+
+
+def rebuild_error(blob: bytes | None, type_name: str, text: str, tb: str) -> BaseException:
+    """The task's own exception with the worker traceback as its cause, or a plain stand-in."""
+    error: Any = None
+    if blob is not None:
+        try:
+            error = cloudpickle.loads(blob)
+        except BaseException:  # noqa: BLE001 - e.g. an exception class whose __init__ wants other args
+            error = None
+    if not isinstance(error, BaseException):
+        error = RemoteTaskError(type_name, text, tb)
+    error.__cause__ = RemoteTraceback(tb)
+    return error  # type: ignore[no-any-return]

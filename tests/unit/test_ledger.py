@@ -1,0 +1,78 @@
+"""Task moves in isolation: counters, futures and callbacks follow every move."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from procpool import TaskPriority, TaskStatus
+from procpool._callbacks import Callbacks
+from procpool._errors import RemoteTaskError, RemoteTraceback
+from procpool._ledger import Ledger, rebuild_error
+from procpool._metrics import MetricsBlock
+from procpool._task import Task, TaskFuture
+
+
+class NoExecutor:
+    """Stands in for the executor a TaskFuture refers to (never called here)."""
+
+
+class FakeCallbacks(Callbacks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired: list[tuple[str | None, Any]] = []
+
+    def fire(self, event: str | None, record: Any) -> None:
+        self.fired.append((event, record.status))
+
+
+@pytest.fixture
+def ledger() -> Iterator[Ledger]:
+    block = MetricsBlock(slots=1)
+    yield Ledger(block, FakeCallbacks())
+    block.close()
+
+
+def new_task(ledger: Ledger, priority: TaskPriority = TaskPriority.HIGH) -> Task:
+    task = Task("task-1", priority, 1, "f", b"", 5.0, TaskFuture("task-1", NoExecutor()), 0.0)  # type: ignore[arg-type]
+    counters = ledger.metrics.counters
+    counters.total += 1
+    counters.states[0] += 1
+    counters.depth[priority] += 1
+    return task
+
+
+def test_a_task_through_a_retry_to_completion(ledger: Ledger) -> None:
+    task = new_task(ledger)
+    ledger.move(task, TaskStatus.RUNNING, worker="w")
+    assert ledger.metrics.counters.depth[TaskPriority.HIGH] == 0 and ledger.unfinished() == 1
+    task.attempt = 2
+    ledger.move(task, TaskStatus.RETRYING, error=ValueError("x"))
+    assert ledger.metrics.counters.depth[TaskPriority.HIGH] == 1 and ledger.metrics.counters.retried == 1
+    ledger.move(task, TaskStatus.RUNNING)
+    ledger.move(task, TaskStatus.COMPLETED, 0.25, result=7)
+    assert task.future.result(0) == 7 and task.payload is None
+    assert task.record.execution_time == 0.25 and task.record.attempts == 2
+    assert ledger.unfinished() == 0 and ledger.metrics.counters.states[2] == 1
+    assert ledger.callbacks.fired == [  # type: ignore[attr-defined]
+        (None, TaskStatus.RUNNING), ("task_retrying", TaskStatus.RETRYING),
+        (None, TaskStatus.RUNNING), ("task_complete", TaskStatus.COMPLETED),
+    ]  # fmt: skip
+
+
+def test_terminal_moves_are_final(ledger: Ledger) -> None:
+    task = new_task(ledger)
+    ledger.move(task, TaskStatus.FAILED, error=ValueError("x"))
+    with pytest.raises(AssertionError, match="illegal"):
+        ledger.move(task, TaskStatus.RUNNING)
+    with pytest.raises(ValueError):
+        task.future.result(0)
+
+
+def test_rebuilt_errors_carry_the_worker_traceback() -> None:
+    error = rebuild_error(None, "mod.Weird", "it broke", "Traceback ...")
+    assert isinstance(error, RemoteTaskError) and error.type_name == "mod.Weird"
+    assert isinstance(error.__cause__, RemoteTraceback)
+    assert isinstance(rebuild_error(b"not a pickle", "x.Y", "m", "tb"), RemoteTaskError)
