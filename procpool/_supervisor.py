@@ -346,7 +346,9 @@ class Supervisor(threading.Thread):
     ) -> None:
         self.timers.discard(("deadline", task.task_id, task.attempt))
         if retryable and should_retry(task.attempt, self.cfg.max_retries):
-            log.info("task %s attempt %d failed (%r); retrying", task.task_id, task.attempt, error)
+            log.info(
+                "task %s attempt %d failed on %s (%r); retrying", task.task_id, task.attempt, worker, error
+            )
             task.attempt += 1
             self.ledger.move(task, TaskStatus.RETRYING, error=error)
             assert self.queue is not None and task.payload is not None
