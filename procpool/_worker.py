@@ -85,8 +85,8 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         spec.conn.send(("started", task_id, attempt))
         slot.running(task_id)
         message = run_task(task_id, attempt, payload)
+        slot.finished(message[3], message[5])  # before the result: a caller that has it sees the counts
         spec.conn.send(message)
-        slot.finished(message[3], message[5])
         if not message[3]:
             spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1

@@ -34,7 +34,7 @@ def test_a_task_past_its_deadline_is_killed_and_cancelled(executor: DistributedE
     assert record.status is TaskStatus.CANCELLED and record.attempts == 1
     # The pool goes on: the slot was refilled and takes work.
     assert executor.get_task_result(executor.submit_task(faults.double, (21,)), timeout=10) == 42
-    assert executor.get_stats()["workers"][record.worker]["restarts"] == 1
+    assert wait_until(lambda: executor.get_stats()["workers"][record.worker]["restarts"] == 1, 10)
 
 
 @pytest.mark.parametrize(
