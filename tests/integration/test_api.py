@@ -47,7 +47,7 @@ def test_the_seed_example_from_a_python_c_script() -> None:
     results, elapsed, completed, workers = out.stdout.rsplit(" ", 3)
     assert eval(results) == [x * 2 for x in range(10)]
     assert (int(completed), int(workers)) == (10, 3)
-    assert 3.9 < float(elapsed) < 6.0  # four rounds of 1 s tasks on 3 workers
+    assert 3.9 < float(elapsed) < 7.0  # four rounds of 1 s tasks on 3 workers, plus start-up
     assert out.stderr == ""  # ended at interpreter exit, with nothing leaked or warned
 
 
