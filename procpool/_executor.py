@@ -19,13 +19,12 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import cloudpickle
-
 from ._callbacks import Callbacks
 from ._config import Config, check_positive, check_priority
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
 from ._metrics import PENDING, MetricsBlock, read_snapshot
 from ._outbox import Outbox
+from ._payload import dump_call, dump_function
 from ._states import TERMINAL, TaskPriority, TaskStatus
 from ._supervisor import Supervisor
 from ._task import Task, TaskFuture, TaskRecord
@@ -174,7 +173,10 @@ class DistributedExecutor(concurrent.futures.Executor):
     ) -> list[Task]:
         prio = check_priority(priority)
         deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
-        payloads = [_pickle(f"batch item {i}: " if batch else "", *item) for i, item in enumerate(items)]
+        blobs: dict[int, bytes] = {}  # a batch pickles each distinct function once
+        payloads = [
+            _pickle(f"batch item {i}: " if batch else "", blobs, *item) for i, item in enumerate(items)
+        ]
         now = time.time()
         with self._submit_lock:
             if self._closed is not None:
@@ -362,7 +364,7 @@ class DistributedExecutor(concurrent.futures.Executor):
             return list(self._tasks.values())
 
 
-def _pickle(where: str, fn: Any, args: Any, kwargs: Any) -> bytes:
+def _pickle(where: str, blobs: dict[int, bytes], fn: Any, args: Any, kwargs: Any) -> bytes:
     if not callable(fn):
         raise TypeError(f"{where}function must be callable, not {type(fn).__name__}")
     if not isinstance(args, (tuple, list)):
@@ -370,7 +372,10 @@ def _pickle(where: str, fn: Any, args: Any, kwargs: Any) -> bytes:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise TypeError(f"{where}kwargs must be a dict or None, not {type(kwargs).__name__}")
     try:
-        return cloudpickle.dumps((fn, tuple(args), kwargs or {}))  # type: ignore[no-any-return]
+        fn_blob = blobs.get(id(fn))
+        if fn_blob is None:
+            fn_blob = blobs[id(fn)] = dump_function(fn)
+        return dump_call(fn_blob, tuple(args), kwargs or {})
     except Exception as exc:
         raise TypeError(f"{where}cannot pickle task {_name(fn)} or its arguments: {exc}") from exc
 

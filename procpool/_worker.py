@@ -24,6 +24,7 @@ import cloudpickle
 
 from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
+from ._payload import load_call
 from ._process import set_parent_death_signal
 from ._queue import STOP, connect_queue
 
@@ -96,7 +97,7 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
     """Run one task and encode its outcome; never raises."""
     start = time.monotonic()
     try:
-        fn, args, kwargs = cloudpickle.loads(payload)
+        fn, args, kwargs = load_call(payload)
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its failure too
         elapsed = time.monotonic() - start
