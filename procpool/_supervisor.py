@@ -1,15 +1,15 @@
 """The supervisor thread: the one writer of task and worker state.
 
-    submitters ── put ──▶ manager queue ◀── take ── workers
-         │                                           │ started / done (pipe)
-         └─ commands (cancel, shutdown) ─▶ supervisor ◀┘ + process sentinels
+    submitters ── outbox ── put_many ──▶ manager queue ◀── take ── workers
+         │                                                    │ started / done (pipe)
+         └─ commands (cancel, shutdown) ─▶ supervisor ◀────────┘ + process sentinels
                                              │ kill ladder, respawn, retries
-                                             └─▶ futures, callbacks, metrics header
+                                             └─▶ ledger: records, futures, callbacks, metrics header
 
 - It waits on result pipes, process sentinels, the manager's sentinel and a
-  wake-up pipe at once (``multiprocessing.connection.wait``), with a timeout
-  equal to the next timer (deadline, SIGKILL escalation or respawn).
-- Tasks change state only here (``_move``); submitters only create them.
+  wake-up pipe at once (one epoll set), with a timeout equal to the next
+  timer (deadline, SIGKILL escalation or respawn).
+- Tasks change state only from here (``Ledger.move``); submitters only create them.
 - Leases: a result counts only for the task's current attempt, and only
   from a worker that is not being killed, so no task completes twice.
 """
