@@ -16,7 +16,7 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,7 +45,7 @@ class WorkerSpec:
     key: str  # unique per worker process; leases are held under it
     slot: int
     address: Any
-    authkey: bytes
+    authkey: bytes = field(repr=False)  # never in a log or traceback
     conn: Connection
     shm_name: str
     max_tasks: int | None

@@ -25,3 +25,13 @@ def test_seed_signatures_and_defaults() -> None:
     assert (result.parameters["wait"].default, result.parameters["timeout"].default) == (True, 30)
     assert inspect.signature(procpool.DistributedExecutor.wait_for_tasks).parameters["timeout"].default == 60
     assert [p.name for p in procpool.TaskPriority] == ["URGENT", "HIGH", "NORMAL", "LOW"]
+
+
+def test_the_manager_authkey_never_appears_in_a_repr() -> None:
+    import os
+
+    from procpool._worker import WorkerSpec
+
+    key = os.urandom(32)
+    spec = WorkerSpec("local-worker-0.0", 0, "/tmp/x", key, None, "procpool-1-a", None, 1)  # type: ignore[arg-type]
+    assert repr(key) not in repr(spec) and "authkey" not in repr(spec)
