@@ -68,6 +68,7 @@ class Worker:
     conn: Connection
     lease: tuple[str, int] | None = None  # task id and attempt it said it started
     doom: str | None = None  # why it is being killed: "timeout" or "cancel"
+    doomed: tuple[str, int] | None = None  # the task attempt it is being killed for
     strays: list[Any] = field(default_factory=list)  # descendants outside its group
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
@@ -245,15 +246,12 @@ class Supervisor(threading.Thread):
 
     def _account_for_death(self, w: Worker, exitcode: int | None) -> int:
         """Settle the task a dead worker held; returns 1 if a task was lost with it."""
-        if w.doom is not None:
-            if w.lease is not None:
-                task = self.ex._tasks.get(w.lease[0])
-                if task is not None and task.status not in TERMINAL:
-                    self._finish_killed(task, w)
+        if w.doomed is not None:
+            task = self.ex._tasks.get(w.doomed[0])
+            if task is not None and task.attempt == w.doomed[1] and task.status not in TERMINAL:
+                self._finish_killed(task, w)
             return 1
-        lease = w.lease
-        released = self._release(w.key)
-        lease = lease or released
+        lease = w.lease or self._release(w.key)
         if lease is None:
             return 0
         task = self.ex._tasks.get(lease[0])
@@ -274,15 +272,32 @@ class Supervisor(threading.Thread):
         except (OSError, EOFError):
             return None  # the manager is gone; its sentinel reports that
 
-    def _doom(self, w: Worker, reason: str) -> None:
-        """Start the kill ladder for a worker: retire it, SIGTERM its group, SIGKILL after grace."""
+    def _doom(self, w: Worker, reason: str, task_id: str, attempt: int) -> None:
+        """Start the kill ladder for a worker running ``task_id``: retire it, SIGTERM, SIGKILL after grace."""
         if w.doom is not None:
             return
-        w.doom = reason
-        self._release(w.key)  # it must take nothing more, even if its task ends in the grace
+        w.doom, w.doomed = reason, (task_id, attempt)
+        # Retired, it takes nothing more, even if its task ends in the grace. It may
+        # already hold the next task (its "started" not read yet): that one goes back.
+        released = self._release(w.key)
+        if released is not None and released != w.doomed:
+            self._requeue(released)
         w.strays = escapees(w.process.pid)
         signal_group(w.process.pid, signal.SIGTERM, w.strays)
         self.timers.set(("kill", w.slot, w.process.pid), time.monotonic() + self.cfg.kill_grace)
+
+    def _requeue(self, lease: tuple[str, int]) -> None:
+        """Queue a leased attempt again, in its place, as if never taken."""
+        task = self.ex._tasks.get(lease[0])
+        # Only a task whose "started" was not read can be released with a doomed worker.
+        waiting = (TaskStatus.PENDING, TaskStatus.RETRYING)
+        if task is None or task.attempt != lease[1] or task.status not in waiting:
+            return
+        assert self.queue is not None and task.payload is not None
+        try:
+            self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
+        except (OSError, EOFError):
+            pass  # the manager is gone; its sentinel fails every task
 
     def _fire_timers(self, now: float) -> None:
         for key in self.timers.pop_due(now):
@@ -365,7 +380,7 @@ class Supervisor(threading.Thread):
             return
         w = self._worker_named(task.worker)
         if w is not None:
-            self._doom(w, "timeout")
+            self._doom(w, "timeout", task_id, attempt)
 
     def _finish_killed(self, task: Task, w: Worker) -> None:
         # Reported once the worker is dead, so "reported" means "really stopped".
@@ -395,7 +410,7 @@ class Supervisor(threading.Thread):
         if holder is not None:
             w = self._worker_named(holder)
             if w is not None:
-                self._doom(w, "cancel")
+                self._doom(w, "cancel", task_id, task.attempt)
         self.timers.discard(("deadline", task_id, task.attempt))
         error = TaskCancelledError(f"task {task_id} was cancelled")
         self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())

@@ -37,6 +37,7 @@ class ExecutorMachine(RuleBasedStateMachine):
         self.kinds: dict[str, str] = {}
         self.cancelled: set[str] = set()
         self.terminal_events: Counter[str] = Counter()
+        self.steps: list[tuple[object, ...]] = []  # for the failure message
         for event in ("task_complete", "task_failed", "task_cancelled"):
             self.executor.register_callback(event, self._count)
 
@@ -46,17 +47,21 @@ class ExecutorMachine(RuleBasedStateMachine):
     @rule(kind=st.sampled_from(sorted(KINDS)), priority=st.sampled_from(list(TaskPriority)))
     def submit(self, kind: str, priority: TaskPriority) -> None:
         fn, args, timeout = KINDS[kind]
-        self.kinds[self.executor.submit_task(fn, args, priority=priority, timeout=timeout)] = kind
+        task_id = self.executor.submit_task(fn, args, priority=priority, timeout=timeout)
+        self.kinds[task_id] = kind
+        self.steps.append(("submit", task_id, kind))
 
     @rule(kinds=st.lists(st.sampled_from(["ok", "slow", "raise"]), min_size=1, max_size=5))
     def submit_batch(self, kinds: list[str]) -> None:
         ids = self.executor.submit_batch([KINDS[k][:2] for k in kinds], priority=TaskPriority.HIGH)
         self.kinds.update(zip(ids, kinds, strict=True))
+        self.steps.append(("batch", ids, kinds))
 
     @precondition(lambda self: bool(self.kinds))
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
         task_id = data.draw(st.sampled_from(sorted(self.kinds)))
+        self.steps.append(("cancel", task_id))
         if self.executor.cancel_task(task_id):
             self.cancelled.add(task_id)
             assert self.executor.get_task(task_id).status is TaskStatus.CANCELLED
@@ -64,6 +69,7 @@ class ExecutorMachine(RuleBasedStateMachine):
     @rule(slot=st.integers(0, 1))
     def kill_worker(self, slot: int) -> None:
         pid = self.executor.get_stats()["workers"][f"local-worker-{slot}"]["pid"]
+        self.steps.append(("kill", slot, pid))
         if pid > 0:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -78,9 +84,12 @@ class ExecutorMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.executor.wait_for_tasks(list(self.kinds), timeout=60)
+            self.executor.wait_for_tasks(list(self.kinds), timeout=30)
+        except TimeoutError:
+            stuck = [self.executor.get_task(t) for t in self.kinds if not self.executor.get_task(t).done]
+            raise AssertionError(f"tasks never ended: {stuck}; steps: {self.steps}") from None
         finally:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
         for task_id, kind in self.kinds.items():
             record = self.executor.get_task(task_id)
             assert record.status in TERMINAL
