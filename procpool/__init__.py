@@ -16,6 +16,7 @@ from ._errors import (
     TaskCancelledError,
     TaskTimeoutError,
     WorkerLostError,
+    WorkerMemoryError,
 )
 from ._executor import DistributedExecutor, get_distributed_executor
 from ._states import TaskPriority, TaskStatus
@@ -35,6 +36,7 @@ __all__ = (
     "TaskStatus",
     "TaskTimeoutError",
     "WorkerLostError",
+    "WorkerMemoryError",
     "get_distributed_executor",
 )
 

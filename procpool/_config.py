@@ -31,6 +31,11 @@ class Config:
     kill_grace: float
     start_method: str
     enable_remote: bool
+    heartbeat_timeout: float | None  # seconds without a heartbeat before a worker counts as hung
+    memory_sample_interval: float | None  # seconds between samples of each worker's tree
+    max_worker_memory_mb: float | None  # recycle a worker whose tree's USS passes this
+    hard_memory_limit: bool  # also kill a task whose worker passes it mid-task
+    memory_threshold_mb: float | None  # log a warning when a worker passes this
 
     @property
     def context(self) -> Any:  # a ForkContext, SpawnContext, ...; typeshed lacks .Process on the base
@@ -46,6 +51,12 @@ class Config:
         method = values["start_method"] or default_start_method()
         if method not in START_METHODS:
             raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {method!r}")
+        memory = _optional_positive(values, "max_worker_memory_mb")
+        interval = _optional_positive(values, "memory_sample_interval")
+        if memory is not None and interval is None:
+            raise ValueError("max_worker_memory_mb needs memory sampling: set memory_sample_interval")
+        if values["hard_memory_limit"] and memory is None:
+            raise ValueError("hard_memory_limit=True needs max_worker_memory_mb")
         return cls(
             max_local_workers=values["max_local_workers"],
             task_timeout=check_positive("task_timeout", values["task_timeout"]),
@@ -54,6 +65,11 @@ class Config:
             kill_grace=check_positive("kill_grace", values["kill_grace"]),
             start_method=method,
             enable_remote=bool(values["enable_remote"]),
+            heartbeat_timeout=_optional_positive(values, "heartbeat_timeout"),
+            memory_sample_interval=interval,
+            max_worker_memory_mb=memory,
+            hard_memory_limit=bool(values["hard_memory_limit"]),
+            memory_threshold_mb=_optional_positive(values, "memory_threshold_mb"),
         )
 
 
@@ -62,6 +78,11 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, not {value}")
+
+
+def _optional_positive(values: dict[str, Any], name: str) -> float | None:
+    value = values[name]
+    return None if value is None else check_positive(name, value)
 
 
 def check_positive(name: str, value: object) -> float:

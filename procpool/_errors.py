@@ -4,6 +4,8 @@
     ├── TaskTimeoutError (TimeoutError)      the task ran past its deadline and was killed
     ├── TaskCancelledError (CancelledError)  the task was cancelled by the user or a shutdown
     ├── WorkerLostError (ChildProcessError)  the worker running the task died (crash, signal, exit)
+    │   │                                    or stopped sending heartbeats and was killed
+    │   └── WorkerMemoryError (MemoryError)  the task's worker passed the hard memory limit
     ├── RemoteTaskError                      the task raised an exception that could not travel back
     ├── ExecutorShutdownError (RuntimeError) a call was made after shutdown()
     └── BrokenPoolError (BrokenExecutor)     the manager process died: the pool cannot go on
@@ -25,6 +27,7 @@ __all__ = (
     "TaskCancelledError",
     "TaskTimeoutError",
     "WorkerLostError",
+    "WorkerMemoryError",
 )
 
 
@@ -42,6 +45,10 @@ class TaskCancelledError(ProcpoolError, CancelledError):
 
 class WorkerLostError(ProcpoolError, ChildProcessError):
     """The worker process running the task died before reporting a result."""
+
+
+class WorkerMemoryError(WorkerLostError, MemoryError):
+    """The task's worker passed ``max_worker_memory_mb`` mid-task with ``hard_memory_limit`` on."""
 
 
 class ExecutorShutdownError(ProcpoolError, RuntimeError):

@@ -52,6 +52,17 @@ class DistributedExecutor(concurrent.futures.Executor):
             process per task); None keeps workers for the executor's life.
         kill_grace: seconds between SIGTERM and SIGKILL when killing a task.
         start_method: "fork" (default on Linux), "spawn" or "forkserver".
+        heartbeat_timeout: seconds a worker may go without a heartbeat (stopped,
+            wedged at start-up) before it is killed and replaced and its task
+            retried; None turns the check off.
+        memory_sample_interval: seconds between measurements of each worker's
+            process tree (USS/PSS, by the manager process); None turns them off.
+        max_worker_memory_mb: replace a worker once its tree's USS passes this,
+            after its current task (or twice its fresh size, if larger).
+        hard_memory_limit: also kill a task whose worker passes
+            ``max_worker_memory_mb`` mid-task; the task fails with
+            ``WorkerMemoryError`` and is not retried.
+        memory_threshold_mb: log a warning when a worker's tree passes this.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -67,6 +78,11 @@ class DistributedExecutor(concurrent.futures.Executor):
         max_tasks_per_worker: int | None = None,
         kill_grace: float = 0.5,
         start_method: str | None = None,
+        heartbeat_timeout: float | None = 30.0,
+        memory_sample_interval: float | None = 2.0,
+        max_worker_memory_mb: float | None = None,
+        hard_memory_limit: bool = False,
+        memory_threshold_mb: float | None = None,
     ) -> None:
         self._config = Config.build(
             max_local_workers=max_local_workers,
@@ -76,6 +92,11 @@ class DistributedExecutor(concurrent.futures.Executor):
             max_tasks_per_worker=max_tasks_per_worker,
             kill_grace=kill_grace,
             start_method=start_method,
+            heartbeat_timeout=heartbeat_timeout,
+            memory_sample_interval=memory_sample_interval,
+            max_worker_memory_mb=max_worker_memory_mb,
+            hard_memory_limit=hard_memory_limit,
+            memory_threshold_mb=memory_threshold_mb,
         )
         self._authkey = os.urandom(32)
         self._tasks: dict[str, Task] = {}

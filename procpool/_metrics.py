@@ -1,27 +1,35 @@
 """The shared-memory metrics block: layout, writers and the lock-free reader.
 
-Layout, version 1 (little-endian, all offsets in bytes)::
+Layout, version 2 (little-endian, all offsets in bytes)::
 
     header   0..256    magic "PROCPOOL", version, slot count, creator pid,
                        created (wall clock), then a seqlock section written by
                        the caller only: task counters and queue depth per priority
-    slot i   256 + i*256, 256 bytes each, three sections:
+    slot i   256 + i*352, 352 bytes each, three sections:
       +0    supervisor section (writer: the caller's supervisor thread)
-            seq, name, kind, active, pid, created (monotonic), restarts, lost
+            seq, name, kind, active, pid, created (monotonic), restarts, lost,
+            healthy
       +96   worker section (writer: the worker process in that slot)
             seq, pid, state, current task id, task started (monotonic),
             completed, failed, busy seconds, heartbeat (monotonic)
-      +224  reserved for the manager's memory figures
+      +224  memory section (writer: the manager process's sampler)
+            seq, pid sampled, USS, PSS, RSS (bytes, over the worker's whole
+            process tree), processes, CPU percent, sampled at (monotonic),
+            baseline USS (the first sample of that pid), exact (0: USS and
+            PSS were not readable and hold RSS), then the same for the
+            browser pinned to the worker: pid, USS, PSS, processes
 
 Every section opens with a sequence counter (seqlock): its single writer
 makes it odd, writes, then makes it even again. A reader copies the block,
 then checks that each section's counter was even and has not moved; a section
 that moved is copied again. No lock is shared between processes, so a writer
 killed mid-write can never block anyone: the next writer of that section
-(a replacement worker) resets its counter to even.
+(a replacement worker) resets its counter to even. Monotonic times are
+comparable across processes (CLOCK_MONOTONIC is system-wide on Linux).
 
 The block is created with mode 0600 (``SharedMemory``'s default) under a
 ``procpool-`` name, so other processes of the same user can find and watch it.
+A reader refuses a block whose magic or version differs.
 """
 
 from __future__ import annotations
@@ -34,34 +42,42 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = (
     "HeaderCounters",
     "MetricsBlock",
+    "MemoryWriter",
+    "SlotHealth",
     "SlotWriter",
     "WorkerState",
+    "read_health",
     "read_snapshot",
 )
 
 MAGIC = b"PROCPOOL"
-VERSION = 1
+VERSION = 2
 NAME_PREFIX = "procpool-"
 HEADER_SIZE = 256
-SLOT_SIZE = 256
+SLOT_SIZE = 352
 _READ_ATTEMPTS = 1000  # a torn section is re-read this often before giving up on it
 
 _PREAMBLE = struct.Struct("<8sIIqd")  # magic, version, slots, creator pid, created
 _COUNTERS = struct.Struct("<Q7qdq4q")  # seq, 7 counters, exec sum, exec count, depth x4
 _COUNTERS_AT = 32
-_SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqq")  # seq name kind active pid created restarts lost
+_SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqqB7x")  # seq name kind active pid created restarts lost healthy
 _SUPERVISOR_AT = 0
 _WORKER = struct.Struct("<QqB7x40sdqqdd")  # seq pid state task started completed failed busy hb
 _WORKER_AT = 96
-# Both sections of a slot in one unpack (the supervisor section padded to the worker's offset).
-_SLOT = struct.Struct("<Q32sBBxxxxxxqdqq16xQqB7x40sdqqdd")
+# seq pid uss pss rss processes cpu sampled baseline exact, browser: pid uss pss processes
+_MEMORY = struct.Struct("<QqqqqqddqB7xqqqq")
+_MEMORY_AT = 224
+# The three sections of a slot in one unpack, padded to their offsets.
+_SLOT = struct.Struct("<Q32sBBxxxxxxqdqqB7x 8x QqB7x40sdqqdd 24x QqqqqqddqB7xqqqq")
+_SECTIONS = (_SUPERVISOR_AT, _WORKER_AT, _MEMORY_AT)
 _KIND_AT = 40  # the kind byte of the supervisor section; 0 while the slot was never used
 _SEQ = struct.Struct("<Q")
+MB = 1024 * 1024  # figures are reported in MiB
 
 KIND_NAMES = {0: "empty", 1: "local", 2: "remote_ssh"}
 
@@ -165,7 +181,11 @@ class MetricsBlock:
 
 
 class SlotWriter:
-    """A worker's writer for its own slot; resumes the counts of the slot's earlier process."""
+    """A worker's writer for its own slot; resumes the counts of the slot's earlier process.
+
+    Two threads write through it (the worker loop and the heartbeat thread);
+    a lock keeps the section single-writer.
+    """
 
     def __init__(self, shm_name: str, slot: int) -> None:
         self._shm = attach(shm_name)
@@ -174,31 +194,96 @@ class SlotWriter:
         self._section = _Section(buf, HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT, _WORKER)
         _, _, _, _, self.completed, self.failed, self.busy, _ = self._section.read_own()
         self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._state = (WorkerState.STARTING, b"", 0.0)  # state, task, task started
+        self._closed = False
 
     def idle(self) -> None:
         """Mark the worker idle and beat its heart."""
-        now = time.monotonic()
-        self._section.write(self.pid, WorkerState.IDLE, b"", 0.0, self.completed, self.failed, self.busy, now)
+        self._write(WorkerState.IDLE, b"", 0.0)
 
     def running(self, task_id: str) -> None:
         """Mark the worker busy with ``task_id``."""
-        now = time.monotonic()
-        self._section.write(
-            self.pid, WorkerState.RUNNING, task_id.encode()[:40], now,
-            self.completed, self.failed, self.busy, now,
-        )  # fmt: skip
+        self._write(WorkerState.RUNNING, task_id.encode()[:40], time.monotonic())
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat only; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._section.write(
+                self.pid, *self._state, self.completed, self.failed, self.busy, time.monotonic()
+            )
+            return True
 
     def finished(self, ok: bool, elapsed: float) -> None:
         """Count a task the worker ran to the end (returned or raised)."""
-        if ok:
-            self.completed += 1
-        else:
-            self.failed += 1
-        self.busy += elapsed
+        with self._lock:
+            if ok:
+                self.completed += 1
+            else:
+                self.failed += 1
+            self.busy += elapsed
         self.idle()
+
+    def _write(self, state: int, task: bytes, started: float) -> None:
+        with self._lock:
+            self._state = (state, task, started)
+            self._section.write(
+                self.pid, state, task, started, self.completed, self.failed, self.busy, time.monotonic()
+            )
 
     def close(self) -> None:
         """Detach (never unlinks: the block belongs to the executor)."""
+        with self._lock:
+            self._closed = True
+            self._shm.close()
+
+
+class SlotHealth(NamedTuple):
+    """What the supervisor checks in a slot: signs of life and memory."""
+
+    worker_pid: int  # 0 until the slot's process wrote its section
+    heartbeat: float  # monotonic; 0.0 if never
+    memory_pid: int  # the process the memory figures are for
+    uss: int  # bytes over the tree
+    baseline: int  # bytes, the first sample of memory_pid
+    sampled: float  # monotonic; 0.0 if never
+
+
+def read_health(buf: memoryview, slot: int) -> SlotHealth:
+    """One slot's heartbeat and memory figures, consistently."""
+    f = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
+    return SlotHealth(f[10], f[17], f[19], f[20], f[26], f[25])
+
+
+class MemoryWriter:
+    """The manager's writer of every slot's memory section."""
+
+    def __init__(self, shm_name: str) -> None:
+        self._shm = attach(shm_name)
+        buf = self._shm.buf
+        assert buf is not None
+        self._buf = buf
+        self.slots = _PREAMBLE.unpack_from(buf, 0)[2]
+        self._sections = [
+            _Section(buf, HEADER_SIZE + i * SLOT_SIZE + _MEMORY_AT, _MEMORY) for i in range(self.slots)
+        ]
+
+    def targets(self) -> list[tuple[int, int, bool]]:
+        """(slot, pid, started) for each active slot; started once the worker wrote its section."""
+        out = []
+        for slot in range(self.slots):
+            f = _fresh_slot(self._buf, HEADER_SIZE + slot * SLOT_SIZE)
+            if f[3] and f[4] > 0:
+                out.append((slot, f[4], f[10] == f[4]))
+        return out
+
+    def write(self, slot: int, *values: Any) -> None:
+        """Write pid, uss, pss, rss, processes, cpu, sampled, baseline, exact and the browser's four."""
+        self._sections[slot].write(*values)
+
+    def close(self) -> None:
         self._shm.close()
 
 
@@ -252,6 +337,7 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
     snap = bytes(buf)
     _, version, slots, creator, created = _PREAMBLE.unpack_from(snap, 0)
     header = _consistent_copy(buf, _COUNTERS_AT, _COUNTERS.size)
+    workers = _read_workers(buf, snap, slots)
     (_, total, pending, running, completed, failed, cancelled, retried,
      exec_sum, exec_count, *depth) = _COUNTERS.unpack(header)  # fmt: skip
     return {
@@ -267,7 +353,8 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
         "retried_tasks": retried,
         "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
         "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
-        "workers": _read_workers(buf, snap, slots),
+        "workers": workers,
+        "memory_mb": sum(_tree_mb(w) for w in workers.values()),
     }
 
 
@@ -279,43 +366,62 @@ def _read_workers(buf: memoryview, snap: bytes, slots: int) -> dict[str, dict[st
     workers: dict[str, dict[str, Any]] = {}
     now = time.monotonic()
     unpack = _SLOT.unpack_from
-    running, names = WorkerState.RUNNING, WorkerState.NAMES
     for base in range(HEADER_SIZE, HEADER_SIZE + slots * SLOT_SIZE, SLOT_SIZE):
         if snap[base + _KIND_AT] == 0:
             continue  # never used
-        w_at = base + _WORKER_AT
-        if snap[base] & 1 or snap[w_at] & 1 or not (same or _steady(snap, again, base, w_at)):
+        starts = [base + at for at in _SECTIONS]
+        if any(snap[at] & 1 for at in starts) or not (same or _steady(snap, again, starts)):
             fields = _fresh_slot(buf, base)
         else:
             fields = unpack(snap, base)
-        (_, name, kind, active, pid, born, restarts, lost,
-         _, _, state, task, _, completed, failed, busy, heartbeat) = fields  # fmt: skip
-        workers[_name(name)] = {
-            "type": KIND_NAMES.get(kind, "unknown"),
-            "active": active == 1,
-            "state": names[state] if active else "stopped",
-            "current_task": _name(task) if active and state == running else None,
-            "completed": completed,
-            "failed": failed + lost,
-            "load": min(busy / (now - born), 1.0) if now > born else 0.0,  # share of its life spent busy
-            "pid": pid,
-            "restarts": restarts,
-            "heartbeat_age": now - heartbeat if heartbeat else None,
-        }
+        name, view = _worker_view(fields, now)
+        workers[name] = view
     return workers
 
 
-def _steady(snap: bytes, again: bytes, *starts: int) -> bool:
+def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, Any]]:
+    (_, name, kind, active, pid, born, restarts, lost, healthy,
+     _, _, state, task, _, completed, failed, busy, heartbeat,
+     _, mem_pid, uss, pss, _, procs, cpu, _, _, exact, b_pid, b_uss, b_pss, b_procs) = fields  # fmt: skip
+    sampled = bool(active) and mem_pid == pid and pid > 0  # a sample of an earlier process is stale
+    view = {
+        "type": KIND_NAMES.get(kind, "unknown"),
+        "active": active == 1,
+        "healthy": bool(active and healthy),
+        "state": WorkerState.NAMES[state] if active else "stopped",
+        "current_task": _name(task) if active and state == WorkerState.RUNNING else None,
+        "completed": completed,
+        "failed": failed + lost,
+        "load": min(busy / (now - born), 1.0) if now > born else 0.0,  # share of its life spent busy
+        "pid": pid,
+        "restarts": restarts,
+        "heartbeat_age": now - heartbeat if active and heartbeat else None,
+        "memory_mb": uss / MB if sampled else None,
+        "pss_mb": pss / MB if sampled else None,
+        "processes": procs if sampled else None,
+        "cpu_percent": cpu if sampled else None,
+        "memory_source": ("uss" if exact else "rss") if sampled else None,
+        "browser": None,
+    }
+    if sampled and b_pid:
+        view["browser"] = {"pid": b_pid, "memory_mb": b_uss / MB, "pss_mb": b_pss / MB, "processes": b_procs}
+    return _name(name), view
+
+
+def _tree_mb(view: dict[str, Any]) -> float:
+    browser = view["browser"]
+    return (view["memory_mb"] or 0.0) + (browser["memory_mb"] if browser else 0.0)
+
+
+def _steady(snap: bytes, again: bytes, starts: list[int]) -> bool:
     return all(snap[at : at + 8] == again[at : at + 8] for at in starts)
 
 
 def _fresh_slot(buf: memoryview, base: int) -> tuple[Any, ...]:
-    """Copy one slot again until neither of its sections is mid-write."""
+    """Copy one slot again until none of its sections is mid-write."""
     for _ in range(_READ_ATTEMPTS):
         data = bytes(buf[base : base + SLOT_SIZE])
-        seqs = (data[0:8], data[_WORKER_AT : _WORKER_AT + 8])
-        again = (bytes(buf[base : base + 8]), bytes(buf[base + _WORKER_AT : base + _WORKER_AT + 8]))
-        if seqs == again and not data[0] & 1 and not data[_WORKER_AT] & 1:
+        if all(not data[at] & 1 and data[at : at + 8] == buf[base + at : base + at + 8] for at in _SECTIONS):
             break
     return _SLOT.unpack_from(data)  # after the last attempt: its writer died mid-write, may be torn
 

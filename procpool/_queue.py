@@ -10,7 +10,7 @@
   runs: there is no prefetch to defeat priorities.
 - ``release`` retires a worker (its later ``take`` calls get STOP) and returns
   the lease it held, so a task taken by a worker that died before saying so
-  is never lost.
+  is never lost. ``retire`` lets it finish its task first (recycling).
 
 The manager process ignores SIGINT (the caller shuts it down) and, if the
 caller dies, receives SIGTERM (parent-death signal) and kills every worker's
@@ -26,6 +26,7 @@ import threading
 from multiprocessing.managers import BaseManager, BaseProxy
 from typing import Any, cast
 
+from ._memory import Sampler
 from ._process import kill_worker_groups, set_parent_death_signal
 
 __all__ = ("STOP", "QueueManager", "TaskQueue", "TaskQueueProxy", "connect_queue")
@@ -92,6 +93,12 @@ class TaskQueue:
                     return worker
             return None
 
+    def retire(self, worker: str) -> None:
+        """Let ``worker`` finish the task it holds, then get STOP from its next ``take``."""
+        with self._cond:
+            self._retired.add(worker)
+            self._cond.notify_all()
+
     def release(self, worker: str) -> Lease | None:
         """Retire ``worker`` and return the lease it held, if any."""
         with self._cond:
@@ -113,7 +120,7 @@ class TaskQueue:
 class TaskQueueProxy(BaseProxy):
     """Explicit proxy: no method discovery round trip, typed methods."""
 
-    _exposed_ = ("put", "put_many", "take", "cancel", "release", "depth", "close")
+    _exposed_ = ("put", "put_many", "take", "cancel", "retire", "release", "depth", "close")
 
     def _call(self, method: str, args: tuple[Any, ...] = ()) -> Any:
         return cast(Any, self._callmethod)(method, args)
@@ -129,6 +136,9 @@ class TaskQueueProxy(BaseProxy):
 
     def cancel(self, task_id: str) -> str | None:
         return cast("str | None", self._call("cancel", (task_id,)))
+
+    def retire(self, worker: str) -> None:
+        self._call("retire", (worker,))
 
     def release(self, worker: str) -> Lease | None:
         return cast("Lease | None", self._call("release", (worker,)))
@@ -158,9 +168,11 @@ class QueueManager(BaseManager):
 QueueManager.register("get_queue", callable=_shared_queue, proxytype=TaskQueueProxy)
 
 
-def init_manager(parent_pid: int, shm_name: str) -> None:
+def init_manager(parent_pid: int, shm_name: str, sample_interval: float | None) -> None:
     """Initializer run in the manager process before it serves."""
     set_parent_death_signal(signal.SIGTERM)
+    if sample_interval is not None:
+        Sampler(shm_name, sample_interval).start()
 
     def on_parent_death(signum: int, frame: Any) -> None:
         kill_worker_groups(shm_name)

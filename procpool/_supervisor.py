@@ -38,8 +38,11 @@ from ._errors import (
     TaskCancelledError,
     TaskTimeoutError,
     WorkerLostError,
+    WorkerMemoryError,
 )
+from ._health import Verdict, heartbeat_interval, judge, silent_for
 from ._ledger import Ledger, rebuild_error
+from ._metrics import MB, SlotHealth, read_health
 from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._scheduling import Timers, describe_exit, should_retry
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
+_HEALTH_PERIOD_MIN = 0.05  # seconds; health checks read shared memory only, but need not spin
 
 
 @dataclass(slots=True)
@@ -70,6 +74,10 @@ class Worker:
     doom: str | None = None  # why it is being killed: "timeout" or "cancel"
     doomed: tuple[str, int] | None = None  # the task attempt it is being killed for
     strays: list[Any] = field(default_factory=list)  # descendants outside its group
+    note: str = ""  # for a worker killed as hung or out of memory: what was seen
+    spawned: float = 0.0  # monotonic
+    recycling: bool = False  # retired for its memory; ends after its current task
+    over_threshold: bool = False  # above memory_threshold_mb at the last check (warned once)
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
 
@@ -128,6 +136,7 @@ class Supervisor(threading.Thread):
             self._teardown()
             return
         self.ready.set()
+        self._arm_health(time.monotonic())
         try:
             self._loop()
         except BaseException:
@@ -170,7 +179,7 @@ class Supervisor(threading.Thread):
     def _start_manager(self) -> None:
         ctx = self.cfg.context
         self.manager = QueueManager(authkey=self.ex._authkey, ctx=ctx)
-        self.manager.start(init_manager, (os.getpid(), self.metrics.name))
+        self.manager.start(init_manager, (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval))
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
 
     def _spawn(self, slot: int) -> None:
@@ -182,6 +191,7 @@ class Supervisor(threading.Thread):
         spec = WorkerSpec(
             key, slot, self.manager.address, self.ex._authkey, writer,
             self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
+            heartbeat_interval(self.cfg.heartbeat_timeout),
         )  # fmt: skip
         process = ctx.Process(target=run_worker, args=(spec,), name=name)
         process.start()
@@ -190,17 +200,22 @@ class Supervisor(threading.Thread):
             os.setpgid(process.pid, process.pid)  # closes the race with the child's own call
         except OSError:
             pass  # it already did (or exec'd, under spawn)
-        w = self.workers[slot] = Worker(name, key, slot, process, reader, poller=select.poll())
+        w = self.workers[slot] = Worker(
+            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic()
+        )
         w.poller.register(reader.fileno(), select.POLLIN)
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
         self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", w))
         self._publish_slot(slot, name, process.pid, active=True)
 
-    def _publish_slot(self, slot: int, name: str, pid: int, active: bool, lost: int = 0) -> None:
+    def _publish_slot(
+        self, slot: int, name: str, pid: int, active: bool, lost: int = 0, healthy: bool = True
+    ) -> None:
         section = self._slot_sections[slot]
         old = section.read_own()
         created = old[4] or time.monotonic()
-        section.write(name.encode(), 1, int(active), pid, created, self._restarts[slot], old[6] + lost)
+        restarts = self._restarts[slot]
+        section.write(name.encode(), 1, int(active), pid, created, restarts, old[6] + lost, int(healthy))
 
     def _forget(self, w: Worker) -> None:
         del self.workers[w.slot]
@@ -251,6 +266,8 @@ class Supervisor(threading.Thread):
             if task is not None and task.attempt == w.doomed[1] and task.status not in TERMINAL:
                 self._finish_killed(task, w)
             return 1
+        if w.doom == "hung":
+            w.lease = None  # released when it was doomed; its task, if any, was put back then
         lease = w.lease or self._release(w.key)
         if lease is None:
             return 0
@@ -272,11 +289,12 @@ class Supervisor(threading.Thread):
         except (OSError, EOFError):
             return None  # the manager is gone; its sentinel reports that
 
-    def _doom(self, w: Worker, reason: str, task_id: str, attempt: int) -> None:
-        """Start the kill ladder for a worker running ``task_id``: retire it, SIGTERM, SIGKILL after grace."""
+    def _doom(self, w: Worker, reason: str, doomed: tuple[str, int] | None) -> None:
+        """Start the kill ladder for a worker (running task attempt ``doomed``): retire it,
+        SIGTERM, SIGKILL after grace."""
         if w.doom is not None:
             return
-        w.doom, w.doomed = reason, (task_id, attempt)
+        w.doom, w.doomed = reason, doomed
         # Retired, it takes nothing more, even if its task ends in the grace. It may
         # already hold the next task (its "started" not read yet): that one goes back.
         released = self._release(w.key)
@@ -314,6 +332,72 @@ class Supervisor(threading.Thread):
                     signal_group(w.process.pid, signal.SIGKILL, w.strays)
             elif kind == "respawn" and not (self._closing and self._idle()):
                 self._spawn(key[1])  # type: ignore[index]
+            elif kind == "health":
+                self._check_health(now)
+                self._arm_health(now)
+
+    # -- health ----------------------------------------------------------------
+
+    def _arm_health(self, now: float) -> None:
+        cfg = self.cfg
+        periods = []
+        if cfg.heartbeat_timeout is not None:
+            periods.append(heartbeat_interval(cfg.heartbeat_timeout))
+        if cfg.memory_sample_interval is not None and (cfg.max_worker_memory_mb or cfg.memory_threshold_mb):
+            periods.append(cfg.memory_sample_interval)
+        if periods:
+            self.timers.set(("health",), now + max(min(periods), _HEALTH_PERIOD_MIN))
+
+    def _check_health(self, now: float) -> None:
+        """Act on each worker's heartbeat and memory figures."""
+        buf = self.metrics.shm.buf
+        assert buf is not None
+        mb = self.cfg.max_worker_memory_mb
+        for w in list(self.workers.values()):
+            if w.doom is not None or w.recycling:
+                continue
+            pid = w.process.pid
+            health = read_health(buf, w.slot)
+            self._warn_memory(w, health)
+            verdict = judge(
+                now, w.spawned, pid, health, heartbeat_timeout=self.cfg.heartbeat_timeout,
+                memory_limit=None if mb is None else int(mb * MB), hard=self.cfg.hard_memory_limit,
+                busy=w.lease is not None,
+            )  # fmt: skip
+            if verdict is Verdict.HUNG:
+                silent = silent_for(now, w.spawned, pid, health)
+                w.note = f"sent no heartbeat for {silent:.1f} s (stopped or wedged?)"
+                log.warning("worker %s (pid %d) %s; killing and replacing it", w.name, pid, w.note)
+                self._publish_slot(w.slot, w.name, pid, active=True, healthy=False)
+                self._doom(w, "hung", w.lease)
+            elif verdict is Verdict.OUT_OF_MEMORY:
+                w.note = _over_limit(health, mb)
+                log.warning("worker %s (pid %d) %s; killing its task", w.name, pid, w.note)
+                self._doom(w, "memory", w.lease)
+            elif verdict is Verdict.RECYCLE:
+                used = _over_limit(health, mb)
+                log.info("worker %s (pid %d) %s; replacing it after its current task", w.name, pid, used)
+                w.recycling = True
+                self._retire(w.key)
+
+    def _warn_memory(self, w: Worker, health: SlotHealth) -> None:
+        threshold = self.cfg.memory_threshold_mb
+        if threshold is None or health.memory_pid != w.process.pid:
+            return
+        over = health.uss > threshold * MB
+        if over and not w.over_threshold:
+            log.warning(
+                "worker %s (pid %d) uses %.0f MB (USS of its process tree), over memory_threshold_mb=%g",
+                w.name, w.process.pid, health.uss / MB, threshold,
+            )  # fmt: skip
+        w.over_threshold = over
+
+    def _retire(self, key: str) -> None:
+        assert self.queue is not None
+        try:
+            self.queue.retire(key)
+        except (OSError, EOFError):
+            pass  # the manager is gone; its sentinel reports that
 
     # -- task events ---------------------------------------------------------
 
@@ -380,10 +464,19 @@ class Supervisor(threading.Thread):
             return
         w = self._worker_named(task.worker)
         if w is not None:
-            self._doom(w, "timeout", task_id, attempt)
+            self._doom(w, "timeout", (task_id, attempt))
 
     def _finish_killed(self, task: Task, w: Worker) -> None:
         # Reported once the worker is dead, so "reported" means "really stopped".
+        where = f"worker {w.name} (pid {w.process.pid})"
+        if w.doom == "hung":
+            lost = WorkerLostError(f"{where} {w.note} while running task {task.task_id}; it was killed")
+            self._fail_attempt(task, w.name, lost, retryable=True)
+            return
+        if w.doom == "memory":
+            oom = WorkerMemoryError(f"{where} {w.note} while running task {task.task_id}; it was killed")
+            self._fail_attempt(task, w.name, oom, retryable=False)
+            return
         started = task.record.started_at
         error = TaskTimeoutError(
             f"task {task.task_id} exceeded its {task.timeout:g} s deadline; worker {w.name} "
@@ -410,7 +503,7 @@ class Supervisor(threading.Thread):
         if holder is not None:
             w = self._worker_named(holder)
             if w is not None:
-                self._doom(w, "cancel", task_id, task.attempt)
+                self._doom(w, "cancel", (task_id, task.attempt))
         self.timers.discard(("deadline", task_id, task.attempt))
         error = TaskCancelledError(f"task {task_id} was cancelled")
         self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
@@ -488,3 +581,7 @@ class Supervisor(threading.Thread):
         w.conn.close()
         self._publish_slot(w.slot, w.name, 0, active=False)
         w.process.close()
+
+
+def _over_limit(health: SlotHealth, limit: float | None) -> str:
+    return f"uses {health.uss / MB:.0f} MB (USS of its process tree), over max_worker_memory_mb={limit}"

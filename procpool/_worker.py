@@ -3,7 +3,8 @@
     manager (TaskQueue) ── take ──▶ worker ── started / done ──▶ supervisor (result pipe)
                                       └── writes its own metrics slot
 
-The worker holds at most the one task it runs. It reports ``started`` before
+The worker holds at most the one task it runs. A heartbeat thread refreshes
+the slot's heartbeat every ``heartbeat_interval``, idle or busy. It reports ``started`` before
 running a task (the supervisor starts the deadline clock then) and ``done``
 with the pickled outcome after. After a failed task it waits for the
 supervisor's go-ahead, so a retry is queued again before its next take.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ class WorkerSpec:
     shm_name: str
     max_tasks: int | None
     parent_pid: int
+    heartbeat_interval: float  # seconds between heartbeats from the worker's heartbeat thread
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -73,6 +76,10 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     """Take and run tasks until told to stop or ``max_tasks`` are done."""
     queue = connect_queue(spec.address, spec.authkey)
     slot.idle()
+    # Beats go on while a task runs, so only a stopped or wedged process falls silent.
+    threading.Thread(
+        target=_beat, args=(slot, spec.heartbeat_interval), name="heartbeat", daemon=True
+    ).start()
     done = 0
     while spec.max_tasks is None or done < spec.max_tasks:
         item = queue.take(spec.key, IDLE_WAIT)
@@ -91,6 +98,11 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         if not message[3]:
             spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1
+
+
+def _beat(slot: SlotWriter, interval: float) -> None:
+    while slot.beat():
+        time.sleep(interval)
 
 
 def run_task(task_id: str, attempt: int, payload: bytes) -> Done:

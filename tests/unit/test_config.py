@@ -9,7 +9,9 @@ from procpool._config import Config, check_positive, check_priority
 
 GOOD: dict[str, Any] = dict(
     max_local_workers=2, task_timeout=5, enable_remote=False, max_retries=1,
-    max_tasks_per_worker=None, kill_grace=0.5, start_method=None,
+    max_tasks_per_worker=None, kill_grace=0.5, start_method=None, heartbeat_timeout=30.0,
+    memory_sample_interval=2.0, max_worker_memory_mb=None, hard_memory_limit=False,
+    memory_threshold_mb=None,
 )  # fmt: skip
 
 
@@ -25,6 +27,10 @@ GOOD: dict[str, Any] = dict(
         ("kill_grace", -1, ValueError),
         ("max_tasks_per_worker", 0, ValueError),
         ("start_method", "threads", ValueError),
+        ("heartbeat_timeout", 0, ValueError),
+        ("memory_sample_interval", -2, ValueError),
+        ("max_worker_memory_mb", "lots", TypeError),
+        ("memory_threshold_mb", float("inf"), ValueError),
     ],
 )
 def test_bad_settings_fail_with_the_setting_named(name: str, value: object, error: type[Exception]) -> None:
@@ -52,3 +58,12 @@ def test_timeouts_must_be_positive_finite_numbers() -> None:
     for bad in (0, -1, float("inf")):
         with pytest.raises(ValueError, match="timeout"):
             check_positive("timeout", bad)
+
+
+def test_memory_settings_that_need_each_other() -> None:
+    with pytest.raises(ValueError, match="memory_sample_interval"):
+        Config.build(**{**GOOD, "max_worker_memory_mb": 100, "memory_sample_interval": None})
+    with pytest.raises(ValueError, match="max_worker_memory_mb"):
+        Config.build(**{**GOOD, "hard_memory_limit": True})
+    off = Config.build(**{**GOOD, "heartbeat_timeout": None, "memory_sample_interval": None})
+    assert (off.heartbeat_timeout, off.memory_sample_interval) == (None, None)

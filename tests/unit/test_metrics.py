@@ -15,6 +15,7 @@ from procpool._metrics import (
     HEADER_SIZE,
     PENDING,
     MetricsBlock,
+    VERSION,
     SlotWriter,
     active_worker_pids,
     attach,
@@ -46,7 +47,7 @@ def test_counters_round_trip(block: MetricsBlock) -> None:
     c.states[PENDING], c.states[COMPLETED] = 2, 3
     c.depth[1] = 2
     block.publish()
-    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 7, 1.0, 0, 0)
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 7, 1.0, 0, 0, 1)
     writer = SlotWriter(block.name, 0)
     writer.finished(ok=False, elapsed=0.1)  # worker figures must not leak into the totals
     writer.close()
@@ -58,7 +59,7 @@ def test_counters_round_trip(block: MetricsBlock) -> None:
 
 
 def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> None:
-    block.supervisor_section(1).write(b"local-worker-1", 1, 1, 4242, 1.0, 0, 0)
+    block.supervisor_section(1).write(b"local-worker-1", 1, 1, 4242, 1.0, 0, 0, 1)
     writer = SlotWriter(block.name, 1)
     writer.running("task-9")
     assert snapshot(block)["workers"]["local-worker-1"]["current_task"] == "task-9"  # type: ignore[index]
@@ -75,7 +76,7 @@ def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> No
 
 
 def test_a_section_left_odd_by_a_killed_writer_is_reset_by_the_next(block: MetricsBlock) -> None:
-    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 1, 1.0, 0, 0)
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 1, 1.0, 0, 0, 1)
     buf = block.shm.buf
     assert buf is not None
     at = HEADER_SIZE + 96
@@ -91,7 +92,7 @@ def test_a_block_of_another_version_is_refused(block: MetricsBlock) -> None:
     buf = block.shm.buf
     assert buf is not None
     struct.pack_into("<I", buf, 8, 99)
-    with pytest.raises(ValueError, match="layout version 1"):
+    with pytest.raises(ValueError, match=f"layout version {VERSION}"):
         attach(block.name)
 
 
@@ -103,7 +104,7 @@ def test_close_unlinks_and_is_idempotent() -> None:
 
 
 def test_a_reader_never_waits_on_a_writer_that_died_mid_write(block: MetricsBlock) -> None:
-    block.supervisor_section(2).write(b"local-worker-2", 1, 1, 99, 1.0, 0, 0)
+    block.supervisor_section(2).write(b"local-worker-2", 1, 1, 99, 1.0, 0, 0, 1)
     buf = block.shm.buf
     assert buf is not None
     struct.pack_into("<Q", buf, HEADER_SIZE + 2 * 256 + 96, 5)  # odd for ever: its writer is dead
