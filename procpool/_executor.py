@@ -63,6 +63,11 @@ class DistributedExecutor(concurrent.futures.Executor):
             ``max_worker_memory_mb`` mid-task; the task fails with
             ``WorkerMemoryError`` and is not retried.
         memory_threshold_mb: log a warning when a worker's tree passes this.
+        initializer: called with ``initargs`` in each worker process as it
+            starts, before its first task (and before its memory baseline is
+            taken). Start-up, this call included, must end within
+            ``heartbeat_timeout``. A worker whose initializer raises exits
+            and is restarted with a backoff.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -83,6 +88,8 @@ class DistributedExecutor(concurrent.futures.Executor):
         max_worker_memory_mb: float | None = None,
         hard_memory_limit: bool = False,
         memory_threshold_mb: float | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Sequence[object] = (),
     ) -> None:
         self._config = Config.build(
             max_local_workers=max_local_workers,
@@ -97,6 +104,9 @@ class DistributedExecutor(concurrent.futures.Executor):
             max_worker_memory_mb=max_worker_memory_mb,
             hard_memory_limit=hard_memory_limit,
             memory_threshold_mb=memory_threshold_mb,
+        )
+        self._initializer = (
+            None if initializer is None else _pickle("initializer: ", {}, initializer, initargs, None)
         )
         self._authkey = os.urandom(32)
         self._tasks: dict[str, Task] = {}

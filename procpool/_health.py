@@ -59,8 +59,8 @@ def judge(
     """What to do with worker ``pid`` given its slot's figures."""
     if heartbeat_timeout is not None and silent_for(now, spawned, pid, health) > heartbeat_timeout:
         return Verdict.HUNG
-    if memory_limit is None or health.memory_pid != pid:
-        return Verdict.OK  # no limit, or no sample of this process yet
+    if memory_limit is None or health.memory_pid != pid or not health.baseline:
+        return Verdict.OK  # no limit, no sample of this process yet, or it is still starting
     if health.uss <= recycle_limit(memory_limit, health.baseline):
         return Verdict.OK
     return Verdict.OUT_OF_MEMORY if hard and busy else Verdict.RECYCLE

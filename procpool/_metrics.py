@@ -276,7 +276,7 @@ class MemoryWriter:
         for slot in range(self.slots):
             f = _fresh_slot(self._buf, HEADER_SIZE + slot * SLOT_SIZE)
             if f[3] and f[4] > 0:
-                out.append((slot, f[4], f[10] == f[4]))
+                out.append((slot, f[4], f[10] == f[4] and f[11] != WorkerState.STARTING))
         return out
 
     def write(self, slot: int, *values: Any) -> None:

@@ -53,6 +53,7 @@ class WorkerSpec:
     max_tasks: int | None
     parent_pid: int
     heartbeat_interval: float  # seconds between heartbeats from the worker's heartbeat thread
+    initializer: bytes | None  # a payload run once before the first task
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -75,7 +76,10 @@ def run_worker(spec: WorkerSpec) -> None:
 def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     """Take and run tasks until told to stop or ``max_tasks`` are done."""
     queue = connect_queue(spec.address, spec.authkey)
-    slot.idle()
+    if spec.initializer is not None:
+        fn, args, kwargs = load_call(spec.initializer)
+        fn(*args, **kwargs)  # raising ends the worker; the supervisor restarts it with a backoff
+    slot.idle()  # started: from here the manager's memory baseline counts
     # Beats go on while a task runs, so only a stopped or wedged process falls silent.
     threading.Thread(
         target=_beat, args=(slot, spec.heartbeat_interval), name="heartbeat", daemon=True

@@ -153,3 +153,20 @@ def record_order(log_path: str, label: str) -> str:
     with open(log_path, "a") as f:
         f.write(label + "\n")
     return label
+
+
+_held: list[bytearray] = []  # memory a task keeps after it returns, as a leak would
+
+
+def hold_memory(mb: int, then_sleep: float = 0.0) -> int:
+    """Allocate ``mb`` MiB, touch every page, keep it; returns the worker's pid."""
+    block = bytearray(mb * 1024 * 1024)
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # calloc'd pages count once written
+    _held.append(block)
+    time.sleep(then_sleep)
+    return os.getpid()
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
