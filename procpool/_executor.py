@@ -345,9 +345,6 @@ class DistributedExecutor(concurrent.futures.Executor):
         buf = self._metrics.shm.buf
         assert buf is not None
         stats = read_snapshot(buf)
-        workers = stats["workers"]
-        stats["active_workers"] = sum(1 for w in workers.values() if w["active"])
-        stats["total_workers"] = len(workers)
         stats["metrics_block"] = self._metrics.name
         return stats
 

@@ -288,19 +288,32 @@ class MemoryWriter:
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
-    """Attach to an existing block by name; refuses a block of another layout version."""
+    """Attach to an existing block by name; refuses a block of another layout version.
+
+    For processes forked from the block's creator (they share its resource
+    tracker); another process watches with ``procpool._watch`` instead.
+    """
     shm = shared_memory.SharedMemory(name=name)
     buf = shm.buf
     assert buf is not None
-    magic, version = _PREAMBLE.unpack_from(buf, 0)[:2]
-    if magic != MAGIC or version != VERSION:
+    try:
+        check_layout(buf, name)
+    except ValueError:
         shm.close()
+        raise
+    return shm
+
+
+def check_layout(buf: memoryview, name: str) -> int:
+    """Raise ValueError unless ``buf`` holds a block of this layout version; returns its slot count."""
+    magic, version, slots = _PREAMBLE.unpack_from(buf, 0)[:3]
+    if magic != MAGIC or version != VERSION:
         raise ValueError(
             f"shared-memory block {name!r} is not a procpool metrics block of layout "
             f"version {VERSION} (magic {magic!r}, version {version}); is the procpool "
             f"that created it a different release?"
         )
-    return shm
+    return slots  # type: ignore[no-any-return]
 
 
 def active_worker_pids(name: str) -> list[int]:
@@ -353,8 +366,10 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
         "retried_tasks": retried,
         "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
         "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
-        "workers": workers,
+        "active_workers": sum(1 for w in workers.values() if w["active"]),
+        "total_workers": len(workers),
         "memory_mb": sum(_tree_mb(w) for w in workers.values()),
+        "workers": workers,
     }
 
 

@@ -1,0 +1,7 @@
+"""``python -m procpool top``: see ``procpool._top``."""
+
+import sys
+
+from ._top import main
+
+sys.exit(main())
