@@ -10,8 +10,9 @@
   wake-up pipe at once (one epoll set), with a timeout equal to the next
   timer (deadline, SIGKILL escalation or respawn).
 - Tasks change state only from here (``Ledger.move``); submitters only create them.
-- Leases: a result counts only for the task's current attempt, and only
-  from a worker that is not being killed, so no task completes twice.
+- Leases: a result counts only for the task's current attempt, and not
+  from a worker being killed once it started the attempt it is killed for,
+  so no task completes twice (and none it finished before is lost).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Worker:
     lease: tuple[str, int] | None = None  # task id and attempt it said it started
     doom: str | None = None  # why it is being killed: "timeout" or "cancel"
     doomed: tuple[str, int] | None = None  # the task attempt it is being killed for
+    # Its messages no longer count: set once the doomed attempt's "started" is read (or at
+    # once if it was read before). Messages before that are about tasks it ran to the end.
+    fenced: bool = False
     strays: list[Any] = field(default_factory=list)  # descendants outside its group
     note: str = ""  # for a worker killed as hung or out of memory: what was seen
     spawned: float = 0.0  # monotonic
@@ -295,6 +299,7 @@ class Supervisor(threading.Thread):
         if w.doom is not None:
             return
         w.doom, w.doomed = reason, doomed
+        w.fenced = doomed is None or doomed == w.lease
         # Retired, it takes nothing more, even if its task ends in the grace. It may
         # already hold the next task (its "started" not read yet): that one goes back.
         released = self._release(w.key)
@@ -404,8 +409,10 @@ class Supervisor(threading.Thread):
     def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
         w.lease = (task_id, attempt)
         w.ran_any = True
+        if w.lease == w.doomed:
+            w.fenced = True
         task = self.ex._tasks.get(task_id)
-        if task is None or task.attempt != attempt or task.status in TERMINAL or w.doom:
+        if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
             return
         task.worker = w.name
         self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
@@ -425,7 +432,7 @@ class Supervisor(threading.Thread):
         _, task_id, attempt, ok, retryable, elapsed, blob, type_name, text, tb = message
         w.lease = None
         task = self.ex._tasks.get(task_id)
-        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.doom:
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.fenced:
             return  # a stale attempt, or one being killed: fenced out
         self.timers.discard(("deadline", task_id, attempt))
         if ok:

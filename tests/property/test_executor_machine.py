@@ -87,9 +87,9 @@ class ExecutorMachine(RuleBasedStateMachine):
             self.executor.wait_for_tasks(list(self.kinds), timeout=30)
         except TimeoutError:
             stuck = [self.executor.get_task(t) for t in self.kinds if not self.executor.get_task(t).done]
+            self.executor.shutdown(wait=False, cancel_futures=True)  # it cannot end with a task lost
             raise AssertionError(f"tasks never ended: {stuck}; steps: {self.steps}") from None
-        finally:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)
         for task_id, kind in self.kinds.items():
             record = self.executor.get_task(task_id)
             assert record.status in TERMINAL
