@@ -75,7 +75,7 @@ _MEMORY_AT = 224
 # The three sections of a slot in one unpack, padded to their offsets.
 _SLOT = struct.Struct("<Q32sBBxxxxxxqdqqB7x 8x QqB7x40sdqqdd 24x QqqqqqddqB7xqqqq")
 _SECTIONS = (_SUPERVISOR_AT, _WORKER_AT, _MEMORY_AT)
-_KIND_AT = 40  # the kind byte of the supervisor section; 0 while the slot was never used
+_SLOT_PADDED = struct.Struct(_SLOT.format + f"{SLOT_SIZE - _SLOT.size}x")  # for iter_unpack over all slots
 _SEQ = struct.Struct("<Q")
 MB = 1024 * 1024  # figures are reported in MiB
 
@@ -380,46 +380,59 @@ def _read_workers(buf: memoryview, snap: bytes, slots: int) -> dict[str, dict[st
     same = snap == again
     workers: dict[str, dict[str, Any]] = {}
     now = time.monotonic()
-    unpack = _SLOT.unpack_from
-    for base in range(HEADER_SIZE, HEADER_SIZE + slots * SLOT_SIZE, SLOT_SIZE):
-        if snap[base + _KIND_AT] == 0:
+    end = HEADER_SIZE + slots * SLOT_SIZE
+    for slot, fields in enumerate(_SLOT_PADDED.iter_unpack(snap[HEADER_SIZE:end])):
+        if fields[2] == 0:
             continue  # never used
-        starts = [base + at for at in _SECTIONS]
-        if any(snap[at] & 1 for at in starts) or not (same or _steady(snap, again, starts)):
-            fields = _fresh_slot(buf, base)
-        else:
-            fields = unpack(snap, base)
+        if fields[0] & 1 or fields[9] & 1 or fields[18] & 1 or not (same or _steady(snap, again, slot)):
+            fields = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
         name, view = _worker_view(fields, now)
         workers[name] = view
     return workers
+
+
+# A stopped worker's view; live ones start from a copy (cheaper than a dict literal).
+_STOPPED: dict[str, Any] = {
+    "type": "local", "active": False, "healthy": False, "state": "stopped", "current_task": None,
+    "completed": 0, "failed": 0, "load": 0.0, "pid": 0, "restarts": 0, "heartbeat_age": None,
+    "memory_mb": None, "pss_mb": None, "processes": None, "cpu_percent": None, "memory_source": None,
+    "browser": None,
+}  # fmt: skip
 
 
 def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, Any]]:
     (_, name, kind, active, pid, born, restarts, lost, healthy,
      _, _, state, task, _, completed, failed, busy, heartbeat,
      _, mem_pid, uss, pss, _, procs, cpu, _, _, exact, b_pid, b_uss, b_pss, b_procs) = fields  # fmt: skip
-    sampled = bool(active) and mem_pid == pid and pid > 0  # a sample of an earlier process is stale
-    view = {
-        "type": KIND_NAMES.get(kind, "unknown"),
-        "active": active == 1,
-        "healthy": bool(active and healthy),
-        "state": WorkerState.NAMES[state] if active else "stopped",
-        "current_task": _name(task) if active and state == WorkerState.RUNNING else None,
-        "completed": completed,
-        "failed": failed + lost,
-        "load": min(busy / (now - born), 1.0) if now > born else 0.0,  # share of its life spent busy
-        "pid": pid,
-        "restarts": restarts,
-        "heartbeat_age": now - heartbeat if active and heartbeat else None,
-        "memory_mb": uss / MB if sampled else None,
-        "pss_mb": pss / MB if sampled else None,
-        "processes": procs if sampled else None,
-        "cpu_percent": cpu if sampled else None,
-        "memory_source": ("uss" if exact else "rss") if sampled else None,
-        "browser": None,
-    }
-    if sampled and b_pid:
-        view["browser"] = {"pid": b_pid, "memory_mb": b_uss / MB, "pss_mb": b_pss / MB, "processes": b_procs}
+    view = _STOPPED.copy()
+    view["completed"] = completed
+    view["failed"] = failed + lost
+    view["load"] = min(busy / (now - born), 1.0) if now > born else 0.0  # share of its life spent busy
+    view["pid"] = pid
+    view["restarts"] = restarts
+    if kind != 1:
+        view["type"] = KIND_NAMES.get(kind, "unknown")
+    if active:
+        view["active"] = True
+        view["healthy"] = healthy == 1
+        view["state"] = WorkerState.NAMES[state]
+        if state == WorkerState.RUNNING:
+            view["current_task"] = _name(task)
+        if heartbeat:
+            view["heartbeat_age"] = now - heartbeat
+        if mem_pid == pid:  # else the figures are those of the slot's earlier process
+            view["memory_mb"] = uss / MB
+            view["pss_mb"] = pss / MB
+            view["processes"] = procs
+            view["cpu_percent"] = cpu
+            view["memory_source"] = "uss" if exact else "rss"
+            if b_pid:
+                view["browser"] = {
+                    "pid": b_pid,
+                    "memory_mb": b_uss / MB,
+                    "pss_mb": b_pss / MB,
+                    "processes": b_procs,
+                }
     return _name(name), view
 
 
@@ -428,8 +441,9 @@ def _tree_mb(view: dict[str, Any]) -> float:
     return (view["memory_mb"] or 0.0) + (browser["memory_mb"] if browser else 0.0)
 
 
-def _steady(snap: bytes, again: bytes, starts: list[int]) -> bool:
-    return all(snap[at : at + 8] == again[at : at + 8] for at in starts)
+def _steady(snap: bytes, again: bytes, slot: int) -> bool:
+    base = HEADER_SIZE + slot * SLOT_SIZE
+    return all(snap[base + at : base + at + 8] == again[base + at : base + at + 8] for at in _SECTIONS)
 
 
 def _fresh_slot(buf: memoryview, base: int) -> tuple[Any, ...]:

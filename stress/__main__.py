@@ -1,4 +1,4 @@
-"""``python -m stress [demo|compare] [options]``: the demo runs when no scenario is named."""
+"""``python -m stress [demo|compare|overhead] [options]``: the demo runs when no scenario is named."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "compare")
+SCENARIOS = ("demo", "compare", "overhead")
 
 
 def main(argv: list[str]) -> int:
