@@ -42,24 +42,39 @@ class TreeMemory:
 
 
 class TreeSampler:
-    """Measures process trees; keeps each psutil.Process so CPU percent has a base."""
+    """Measures process trees; keeps each psutil.Process so CPU percent has a base.
+
+    ``scan()`` reads every process's parent once per round; a tree is then
+    walked from that map (``Process.children`` would scan /proc once per tree).
+    """
 
     def __init__(self) -> None:
         self._known: dict[psutil.Process, psutil.Process] = {}  # keyed by (pid, create time)
         self._seen: set[psutil.Process] = set()
+        self._children: dict[int, list[int]] = {}
+
+    def scan(self) -> None:
+        """Read the parent of every process (call once per round of samples)."""
+        children: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
+        self._children = children
 
     def sample(self, pid: int) -> TreeMemory | None:
-        """Measure ``pid`` and its descendants; None if ``pid`` is gone."""
-        try:
-            found = psutil.Process(pid)
-            root = self._known.get(found, found)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return None
+        """Measure ``pid`` and its descendants as of the last ``scan``; None if ``pid`` is gone."""
+        pids = [pid]
+        for parent in pids:  # grows as it goes: a breadth-first walk
+            pids.extend(self._children.get(parent, ()))
         uss = pss = rss = count = 0
         cpu = 0.0
         exact = True
-        for found in tree:
+        for child in pids:
+            try:
+                found = psutil.Process(child)
+            except psutil.Error:
+                if child == pid:
+                    return None
+                continue
             proc = self._known.setdefault(found, found)
             self._seen.add(proc)
             try:
@@ -74,7 +89,7 @@ class TreeSampler:
             except psutil.Error:
                 continue  # it ended mid-sample
             count += 1
-        return TreeMemory(uss, pss, rss, count, cpu, exact)
+        return TreeMemory(uss, pss, rss, count, cpu, exact) if count else None
 
     def prune(self) -> None:
         """Forget processes not seen since the last prune."""
@@ -105,6 +120,7 @@ class Sampler(threading.Thread):
     def sample_all(self) -> None:
         """One round over every active slot."""
         live = set()
+        self._trees.scan()
         for slot, pid, started in self._writer.targets():
             tree = self._trees.sample(pid)
             if tree is None:

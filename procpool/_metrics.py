@@ -350,7 +350,7 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
     snap = bytes(buf)
     _, version, slots, creator, created = _PREAMBLE.unpack_from(snap, 0)
     header = _consistent_copy(buf, _COUNTERS_AT, _COUNTERS.size)
-    workers = _read_workers(buf, snap, slots)
+    workers, active, memory = _read_workers(buf, snap, slots)
     (_, total, pending, running, completed, failed, cancelled, retried,
      exec_sum, exec_count, *depth) = _COUNTERS.unpack(header)  # fmt: skip
     return {
@@ -366,19 +366,21 @@ def read_snapshot(buf: memoryview) -> dict[str, Any]:
         "retried_tasks": retried,
         "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
         "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
-        "active_workers": sum(1 for w in workers.values() if w["active"]),
+        "active_workers": active,
         "total_workers": len(workers),
-        "memory_mb": sum(_tree_mb(w) for w in workers.values()),
+        "memory_mb": memory / MB,
         "workers": workers,
     }
 
 
-def _read_workers(buf: memoryview, snap: bytes, slots: int) -> dict[str, dict[str, Any]]:
+def _read_workers(buf: memoryview, snap: bytes, slots: int) -> tuple[dict[str, dict[str, Any]], int, int]:
+    """Every used slot's view, the number of active workers and their trees' USS in bytes."""
     # A section is consistent in ``snap`` if its counter was even there and is
     # the same in a second copy made after; usually the copies are identical.
     again = bytes(buf)
     same = snap == again
     workers: dict[str, dict[str, Any]] = {}
+    active = memory = 0
     now = time.monotonic()
     end = HEADER_SIZE + slots * SLOT_SIZE
     for slot, fields in enumerate(_SLOT_PADDED.iter_unpack(snap[HEADER_SIZE:end])):
@@ -388,7 +390,11 @@ def _read_workers(buf: memoryview, snap: bytes, slots: int) -> dict[str, dict[st
             fields = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
         name, view = _worker_view(fields, now)
         workers[name] = view
-    return workers
+        if fields[3]:
+            active += 1
+            if fields[19] == fields[4]:  # sampled: the worker's tree and its browser's
+                memory += fields[20] + fields[29]
+    return workers, active, memory
 
 
 # A stopped worker's view; live ones start from a copy (cheaper than a dict literal).
@@ -434,11 +440,6 @@ def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, An
                     "processes": b_procs,
                 }
     return _name(name), view
-
-
-def _tree_mb(view: dict[str, Any]) -> float:
-    browser = view["browser"]
-    return (view["memory_mb"] or 0.0) + (browser["memory_mb"] if browser else 0.0)
 
 
 def _steady(snap: bytes, again: bytes, slot: int) -> bool:

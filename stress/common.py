@@ -6,7 +6,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+import timeit
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def _foreign(proc: psutil.Process) -> bool:
     except psutil.Error:
         return False
     return any(helper in command for helper in FOREIGN_HELPERS)
+
+
+def call_cost_us(fn: Callable[[], object], calls: int, rounds: int = 20) -> float:
+    """Microseconds per call: the median of ``rounds`` timings (this machine is noisy)."""
+    fn()
+    per_round = max(1, calls // rounds)
+    times = timeit.repeat(fn, number=per_round, repeat=rounds)
+    return statistics.median(times) / per_round * 1e6
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -22,7 +22,7 @@ import pebble
 from procpool import DistributedExecutor
 
 from . import tasks
-from .common import leftovers, percentile, say, table, write_report
+from .common import call_cost_us, leftovers, percentile, say, table, write_report
 
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
@@ -239,16 +239,10 @@ def stats_cost() -> dict[str, Any]:
     """get_stats() with 64 workers, against one call on a Manager proxy."""
     calls = 2000
     with DistributedExecutor(max_local_workers=64) as ex:
-        ex.get_stats()
-        start = time.perf_counter()
-        for _ in range(calls):
-            stats = ex.get_stats()
-        ours = (time.perf_counter() - start) / calls * 1e6
+        ours = call_cost_us(ex.get_stats, calls)
+        stats = ex.get_stats()
         assert stats["total_workers"] == 64 and stats["pending_tasks"] == 0
     with FORK.Manager() as manager:
         shared = manager.dict(x=1)
-        start = time.perf_counter()
-        for _ in range(calls):
-            shared.get("x")
-        proxy = (time.perf_counter() - start) / calls * 1e6
+        proxy = call_cost_us(lambda: shared.get("x"), calls)
     return {"procpool": ours, "one Manager proxy call": proxy}

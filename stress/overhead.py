@@ -20,16 +20,13 @@ import psutil
 from procpool import DistributedExecutor
 from procpool._memory import TreeSampler
 
-from .common import leftovers, say, table, write_report
+from .common import call_cost_us, leftovers, say, table, write_report
 
 _READER = """
-import sys, time
+import sys
 from procpool._watch import Watcher
-w = Watcher(sys.argv[1]); w.snapshot()
-n = int(sys.argv[2]); start = time.perf_counter()
-for _ in range(n):
-    w.snapshot()
-print((time.perf_counter() - start) / n * 1e6)
+from stress.common import call_cost_us
+print(call_cost_us(Watcher(sys.argv[1]).snapshot, int(sys.argv[2])))
 """
 
 
@@ -40,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     say(f"starting a pool of {args.workers} workers ...")
-    with DistributedExecutor(max_local_workers=args.workers, memory_sample_interval=0.5) as ex:
+    with DistributedExecutor(max_local_workers=args.workers) as ex:
         figures = measure(ex, args.workers, args.calls)
     rows = [[name, value] for name, value in figures.items()]
     say("\n" + table(["figure", "value"], rows))
@@ -57,10 +54,8 @@ def measure(ex: DistributedExecutor, workers: int, calls: int) -> dict[str, Any]
         if time.monotonic() > deadline:
             raise RuntimeError("workers were not sampled within 30 s")
         time.sleep(0.1)
-    start = time.perf_counter()
-    for _ in range(calls):
-        stats = ex.get_stats()
-    in_process = (time.perf_counter() - start) / calls * 1e6
+    in_process = call_cost_us(ex.get_stats, calls)
+    stats = ex.get_stats()
     reader = subprocess.run(
         [sys.executable, "-c", _READER, ex.metrics_block, str(calls)],
         capture_output=True, text=True, check=True, timeout=120,
@@ -83,6 +78,7 @@ def sampler_cost(pids: list[int], rounds: int = 5) -> float:
     sampler = TreeSampler()
     start = time.process_time()
     for _ in range(rounds):
+        sampler.scan()
         for pid in pids:
             sampler.sample(pid)
         sampler.prune()
