@@ -1,0 +1,44 @@
+"""Errors raised by sessions.
+
+SessionError
+├── BrowserNotFoundError (FileNotFoundError)  no Chromium to run; says how to install one
+├── BrowserLaunchError                         Chromium did not start; holds its own output
+├── ProfileInUseError                          another browser runs on that account's profile
+├── SessionPoolFullError                       every session is in use and max_sessions is reached
+└── SessionPoolClosedError (RuntimeError)      a call after close()
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "BrowserLaunchError",
+    "BrowserNotFoundError",
+    "ProfileInUseError",
+    "SessionError",
+    "SessionPoolClosedError",
+    "SessionPoolFullError",
+)
+
+
+class SessionError(Exception):
+    """Base class of every error sessions raises on its own account."""
+
+
+class BrowserNotFoundError(SessionError, FileNotFoundError):
+    """No Chromium executable was found."""
+
+
+class BrowserLaunchError(SessionError):
+    """Chromium exited or did not listen in time; the message holds its output."""
+
+
+class ProfileInUseError(SessionError):
+    """Another browser (another pool or process) runs on that profile directory."""
+
+
+class SessionPoolFullError(SessionError):
+    """``max_sessions`` are open and every one is in use, so none can be evicted."""
+
+
+class SessionPoolClosedError(SessionError, RuntimeError):
+    """The pool was closed."""
