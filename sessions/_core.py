@@ -37,7 +37,7 @@ __all__ = ("HOOKS", "Core", "Session", "Settings")
 log = logging.getLogger("sessions")
 
 HOOKS = ("session_created", "session_closed", "session_error")
-_DISCONNECT_WAIT = 2.0  # seconds for a polite disconnect before the tree is killed anyway
+_CLOSE_GRACE = 5.0  # seconds a healthy browser gets to save its profile and exit before SIGKILL
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +169,15 @@ class Core:
         if session is None:
             return False
         session.closing = True
+        grace = 0.0
+        if session.healthy and session.process.alive():
+            # Browser.close lets Chromium write its cookies and state to the profile first.
+            with contextlib.suppress(Exception):
+                await bounded(session.browser.close(), _CLOSE_GRACE)
+                grace = _CLOSE_GRACE
         with contextlib.suppress(Exception):
-            await bounded(session.browser.disconnect(), _DISCONNECT_WAIT)
-        await asyncio.get_running_loop().run_in_executor(None, session.process.kill)
+            await bounded(session.browser.disconnect(), _CLOSE_GRACE)
+        await asyncio.get_running_loop().run_in_executor(None, session.process.stop, grace)
         os.close(session.lock_fd)
         await self._fire("session_closed", account)
         return True

@@ -3,7 +3,7 @@
     BrowserProcess.start ── Popen (own session, parent-death signal) ──▶ chromium --remote-debugging-port=0
          │ reads "DevTools listening on ws://..." from its log file, with a timeout
          ▼
-    connect(endpoint) ── pyppeteer.connect ──▶ Browser (on the calling event loop)
+    connect(endpoint) ── pyppeteer Connection + Browser ──▶ Browser (on the calling event loop)
 
 - The process is started here, not by ``pyppeteer.launch``: a failed launch
   reports Chromium's own words at once, pyppeteer never touches signal
@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
-import pyppeteer
+from pyee import EventEmitter
 from pyppeteer.browser import Browser
+from pyppeteer.connection import Connection
+from websockets.legacy.client import connect as ws_connect
 
 from ._errors import BrowserLaunchError, BrowserNotFoundError
 
@@ -150,6 +152,12 @@ class BrowserProcess:
         except psutil.Error:
             return []
 
+    def stop(self, grace: float) -> None:
+        """Wait up to ``grace`` for the browser to exit on its own (it was asked to), then kill."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(grace)
+        self.kill()
+
     def kill(self) -> None:
         """SIGKILL the whole tree and reap it. Never raises; safe to call twice."""
         strays = [p for p in self.tree() if _pgid(p.pid) != self.pid]
@@ -176,10 +184,37 @@ def _tail(text: str, lines: int = 8) -> str:
     return " | ".join(kept) or "(no output)"
 
 
+class _Connection(Connection):  # type: ignore[misc]
+    """pyppeteer's connection without the ``loop=`` argument websockets 10 deprecates."""
+
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        # Connection.__init__ of pyppeteer 2.0.0, less the deprecated argument.
+        EventEmitter.__init__(self)
+        self._url = url
+        self._lastId = 0
+        self._callbacks: dict[int, asyncio.Future[Any]] = {}
+        self._delay = 0.0
+        self._loop = loop
+        self._sessions: dict[str, Any] = {}
+        self._connected = False
+        self._ws = ws_connect(url, max_size=None, ping_interval=None, ping_timeout=None)
+        self._recv_fut = loop.create_task(self._recv_loop())
+        self._closeCallback = None
+
+
 async def connect(endpoint: str, timeout: float) -> Browser:
     """A pyppeteer Browser on the running loop for a Chromium already listening at ``endpoint``."""
-    coro = pyppeteer.connect(browserWSEndpoint=endpoint, defaultViewport=None)
-    return await asyncio.wait_for(coro, timeout)
+    connection = _Connection(endpoint, asyncio.get_running_loop())
+    try:
+        reply = await bounded(connection.send("Target.getBrowserContexts"), timeout)
+        contexts = (reply or {}).get("browserContextIds", [])
+        create = Browser.create(
+            connection, contexts, False, None, None, lambda: connection.send("Browser.close")
+        )
+        return await asyncio.wait_for(create, timeout)
+    except BaseException:
+        await connection.dispose()
+        raise
 
 
 async def bounded(call: Awaitable[T], timeout: float) -> T:

@@ -1,0 +1,63 @@
+"""A local HTTP server for browser tests and the stress demo: 127.0.0.1 only, never the internet.
+
+/         a plain page
+/login    sets a ``session`` cookie (a login)
+/whoami   shows the cookie the browser sent
+/table    a table to scrape
+/slow     answers after half a second
+/spin     a page whose JavaScript never returns
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_TABLE = "".join(f"<tr><td>{i}</td><td>item {i}</td></tr>" for i in range(20))
+PAGES = {
+    "/": "<title>home</title><h1>home</h1>",
+    "/login": "<title>login</title><p>logged in</p>",
+    "/table": f"<title>table</title><table id='t'>{_TABLE}</table>",
+    "/slow": "<title>slow</title><p>slow</p>",
+    "/spin": "<title>spin</title><script>while (true) {}</script>",
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/whoami":
+            body = f"<title>whoami</title><p id='who'>{self.headers.get('Cookie', '')}</p>"
+        elif path in PAGES:
+            body = PAGES[path]
+        else:
+            self.send_error(404)
+            return
+        if path == "/slow":
+            time.sleep(0.5)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        if path == "/login":
+            account = self.path.partition("account=")[2] or "someone"
+            self.send_header("Set-Cookie", f"session={account}; Max-Age=3600; Path=/")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # quiet
+
+
+class PageServer:
+    """Serves PAGES from a daemon thread until ``close``."""
+
+    def __init__(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pages", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,34 @@
+"""LRU, idle and memory verdicts of the session pool, with a fake clock."""
+
+from __future__ import annotations
+
+from sessions._core import profile_name
+from sessions._policy import Usage, idle_expired, lru_victim, needs_recycle
+
+
+def test_the_least_recently_used_free_session_is_the_victim() -> None:
+    sessions = {"a": Usage(10.0, 0), "b": Usage(5.0, 1), "c": Usage(7.0, 0)}
+    assert lru_victim(sessions) == "c"  # b is older but in use
+    assert lru_victim({"b": Usage(5.0, 1)}) is None
+    assert lru_victim({}) is None
+
+
+def test_idle_sessions_expire_oldest_first_and_never_while_in_use() -> None:
+    sessions = {"a": Usage(0.0, 0), "b": Usage(50.0, 0), "c": Usage(1.0, 2), "d": Usage(-5.0, 0)}
+    assert idle_expired(sessions, now=100.0, timeout=60.0) == ["d", "a"]
+    assert idle_expired(sessions, now=100.0, timeout=200.0) == []
+
+
+def test_memory_recycles_only_past_the_threshold_and_when_idle() -> None:
+    assert needs_recycle(Usage(0.0, 0, memory_mb=600.0), threshold_mb=500.0)
+    assert not needs_recycle(Usage(0.0, 1, memory_mb=600.0), threshold_mb=500.0)
+    assert not needs_recycle(Usage(0.0, 0, memory_mb=400.0), threshold_mb=500.0)
+    assert not needs_recycle(Usage(0.0, 0, memory_mb=None), threshold_mb=500.0)
+    assert not needs_recycle(Usage(0.0, 0, memory_mb=600.0), threshold_mb=None)
+
+
+def test_profile_names_are_safe_and_distinct() -> None:
+    names = {profile_name(a) for a in ("ctr-prod", "ctr/prod", "ctr prod", "../etc", ".hidden")}
+    assert len(names) == 5
+    assert all("/" not in n and not n.startswith(".") for n in names)
+    assert profile_name("ctr-prod").startswith("ctr-prod-")
