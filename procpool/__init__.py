@@ -21,6 +21,7 @@ from ._errors import (
 from ._executor import DistributedExecutor, get_distributed_executor
 from ._states import TaskPriority, TaskStatus
 from ._task import TaskFuture, TaskRecord
+from ._worker import companion_info
 
 __all__ = (
     "BrokenPoolError",
@@ -37,6 +38,7 @@ __all__ = (
     "TaskTimeoutError",
     "WorkerLostError",
     "WorkerMemoryError",
+    "companion_info",
     "get_distributed_executor",
 )
 

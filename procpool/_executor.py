@@ -68,6 +68,11 @@ class DistributedExecutor(concurrent.futures.Executor):
             taken). Start-up, this call included, must end within
             ``heartbeat_timeout``. A worker whose initializer raises exits
             and is restarted with a backoff.
+        companion: a factory, called in the manager process with a worker
+            slot number, that starts a process to serve that slot's workers
+            (``sessions.pinned_browsers()`` starts a browser). It outlives
+            the slot's workers, is measured into the slot's stats, and ends
+            with the pool. A task reaches it with ``procpool.companion_info()``.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -90,6 +95,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         memory_threshold_mb: float | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Sequence[object] = (),
+        companion: Callable[[int], object] | None = None,
     ) -> None:
         self._config = Config.build(
             max_local_workers=max_local_workers,
@@ -108,6 +114,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         self._initializer = (
             None if initializer is None else _pickle("initializer: ", {}, initializer, initargs, None)
         )
+        self._companion = _pickle_companion(companion)
         self._authkey = os.urandom(32)
         self._tasks: dict[str, Task] = {}
         self._seq = itertools.count(1)
@@ -406,6 +413,17 @@ def _pickle(where: str, blobs: dict[int, bytes], fn: Any, args: Any, kwargs: Any
         return dump_call(fn_blob, tuple(args), kwargs or {})
     except Exception as exc:
         raise TypeError(f"{where}cannot pickle task {_name(fn)} or its arguments: {exc}") from exc
+
+
+def _pickle_companion(factory: object) -> bytes | None:
+    if factory is None:
+        return None
+    if not callable(factory):
+        raise TypeError(f"companion must be a callable factory, not {type(factory).__name__}")
+    try:
+        return dump_function(factory)
+    except Exception as exc:
+        raise TypeError(f"cannot pickle the companion factory {factory!r}: {exc}") from exc
 
 
 def _name(fn: Any) -> str:

@@ -1,7 +1,8 @@
 """Real memory of process trees with psutil, sampled by the manager process.
 
     manager process: Sampler thread ── reads ──▶ metrics block: active slots and their worker pids
-                                    ── psutil ─▶ /proc of each worker and all its descendants
+                                    ── psutil ─▶ /proc of each worker and all its descendants,
+                                                 and of the slot's companion (a browser), if any
                                     ── writes ─▶ each slot's memory section (its only writer)
 
 - USS is what killing the tree would give back; PSS shares pages out fairly.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from ._companions import Companions
 from ._metrics import MemoryWriter
 
 __all__ = ("Sampler", "TreeMemory", "TreeSampler")
@@ -100,8 +102,9 @@ class TreeSampler:
 class Sampler(threading.Thread):
     """Samples every active worker's tree each ``interval`` seconds into the block."""
 
-    def __init__(self, shm_name: str, interval: float) -> None:
+    def __init__(self, shm_name: str, interval: float, companions: Companions | None = None) -> None:
         super().__init__(name="procpool-memory", daemon=True)
+        self._companions = companions
         self._writer = MemoryWriter(shm_name)
         self._interval = interval
         self._trees = TreeSampler()
@@ -121,15 +124,19 @@ class Sampler(threading.Thread):
         """One round over every active slot."""
         live = set()
         self._trees.scan()
+        companions = self._companions.pids() if self._companions is not None else {}
         for slot, pid, started in self._writer.targets():
             tree = self._trees.sample(pid)
             if tree is None:
                 continue
             live.add(pid)
             baseline = self._baselines.setdefault(pid, tree.uss) if started else 0
+            other = companions.get(slot, 0)
+            extra = self._trees.sample(other) if other else None
             self._writer.write(
                 slot, pid, tree.uss, tree.pss, tree.rss, tree.processes, tree.cpu_percent,
-                time.monotonic(), baseline, int(tree.exact), 0, 0, 0, 0,
+                time.monotonic(), baseline, int(tree.exact),
+                *((other, extra.uss, extra.pss, extra.processes) if extra else (0, 0, 0, 0)),
             )  # fmt: skip
         self._baselines = {pid: b for pid, b in self._baselines.items() if pid in live}
         self._trees.prune()

@@ -26,6 +26,9 @@ import threading
 from multiprocessing.managers import BaseManager, BaseProxy
 from typing import Any, cast
 
+import cloudpickle
+
+from ._companions import Companions
 from ._memory import Sampler
 from ._process import kill_worker_groups, set_parent_death_signal
 
@@ -105,6 +108,17 @@ class TaskQueue:
             self._retired.add(worker)
             return self._leases.pop(worker, None)
 
+    def companion(self, slot: int, replace: bool) -> dict[str, Any]:
+        """The info of ``slot``'s companion process (started if needed); see ``_companions``."""
+        if _companions is None:
+            raise RuntimeError("this pool has no companions: pass companion=... to DistributedExecutor")
+        return _companions.get(slot, replace)
+
+    def stop_companions(self) -> None:
+        """Close every companion process (the pool is ending)."""
+        if _companions is not None:
+            _companions.stop()
+
     def depth(self) -> int:
         """Number of queued attempts."""
         with self._cond:
@@ -120,7 +134,10 @@ class TaskQueue:
 class TaskQueueProxy(BaseProxy):
     """Explicit proxy: no method discovery round trip, typed methods."""
 
-    _exposed_ = ("put", "put_many", "take", "cancel", "retire", "release", "depth", "close")
+    _exposed_ = (
+        "put", "put_many", "take", "cancel", "retire", "release",
+        "companion", "stop_companions", "depth", "close",
+    )  # fmt: skip
 
     def _call(self, method: str, args: tuple[Any, ...] = ()) -> Any:
         return cast(Any, self._callmethod)(method, args)
@@ -143,6 +160,12 @@ class TaskQueueProxy(BaseProxy):
     def release(self, worker: str) -> Lease | None:
         return cast("Lease | None", self._call("release", (worker,)))
 
+    def companion(self, slot: int, replace: bool) -> dict[str, Any]:
+        return cast("dict[str, Any]", self._call("companion", (slot, replace)))
+
+    def stop_companions(self) -> None:
+        self._call("stop_companions")
+
     def depth(self) -> int:
         return cast(int, self._call("depth"))
 
@@ -151,6 +174,7 @@ class TaskQueueProxy(BaseProxy):
 
 
 _queue: TaskQueue | None = None
+_companions: Companions | None = None  # in the manager process, when the pool has a companion factory
 
 
 def _shared_queue() -> TaskQueue:
@@ -168,14 +192,21 @@ class QueueManager(BaseManager):
 QueueManager.register("get_queue", callable=_shared_queue, proxytype=TaskQueueProxy)
 
 
-def init_manager(parent_pid: int, shm_name: str, sample_interval: float | None) -> None:
+def init_manager(
+    parent_pid: int, shm_name: str, sample_interval: float | None, companion: bytes | None
+) -> None:
     """Initializer run in the manager process before it serves."""
+    global _companions
     set_parent_death_signal(signal.SIGTERM)
+    if companion is not None:
+        _companions = Companions(cloudpickle.loads(companion))
     if sample_interval is not None:
-        Sampler(shm_name, sample_interval).start()
+        Sampler(shm_name, sample_interval, _companions).start()
 
     def on_parent_death(signum: int, frame: Any) -> None:
         kill_worker_groups(shm_name)
+        if _companions is not None:
+            _companions.stop()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_parent_death)

@@ -183,7 +183,8 @@ class Supervisor(threading.Thread):
     def _start_manager(self) -> None:
         ctx = self.cfg.context
         self.manager = QueueManager(authkey=self.ex._authkey, ctx=ctx)
-        self.manager.start(init_manager, (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval))
+        args = (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval, self.ex._companion)
+        self.manager.start(init_manager, args)
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
 
     def _spawn(self, slot: int) -> None:
@@ -568,6 +569,11 @@ class Supervisor(threading.Thread):
                 self._stop_worker(w)
         for w in list(self.workers.values()):
             self._stop_worker(w)
+        if self.ex._companion is not None and self.queue is not None and self._broken is None:
+            try:
+                self.queue.stop_companions()
+            except (OSError, EOFError):
+                pass
         if self.manager is not None:
             try:
                 self.manager.shutdown()

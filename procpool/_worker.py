@@ -13,6 +13,8 @@ It never decides about retries or deadlines: the supervisor does, from outside.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import threading
@@ -28,11 +30,13 @@ from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
 from ._payload import load_call
 from ._process import set_parent_death_signal
-from ._queue import STOP, connect_queue
+from ._queue import STOP, TaskQueueProxy, connect_queue
 
-__all__ = ("WorkerSpec", "run_worker", "Started", "Done")
+__all__ = ("Done", "Started", "WorkerSpec", "companion_info", "run_worker")
 
 IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
+_here: tuple[TaskQueueProxy, int] | None = None  # this worker's queue and slot, once serving
+_loop: asyncio.AbstractEventLoop | None = None
 
 # Messages on the result pipe (plain tuples: cheapest to pickle).
 Started = tuple[str, str, int]  # ("started", task id, attempt)
@@ -75,7 +79,9 @@ def run_worker(spec: WorkerSpec) -> None:
 
 def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     """Take and run tasks until told to stop or ``max_tasks`` are done."""
+    global _here
     queue = connect_queue(spec.address, spec.authkey)
+    _here = (queue, spec.slot)
     if spec.initializer is not None:
         fn, args, kwargs = load_call(spec.initializer)
         fn(*args, **kwargs)  # raising ends the worker; the supervisor restarts it with a backoff
@@ -115,6 +121,8 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
     try:
         fn, args, kwargs = load_call(payload)
         value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):  # an async task runs on this worker's one event loop
+            value = _event_loop().run_until_complete(value)
     except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its failure too
         elapsed = time.monotonic() - start
         tb = traceback.format_exc()
@@ -141,6 +149,30 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
             error.message,
             tb,
         )
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    # One loop for the worker's life, so connections made by one task (a browser) serve the next.
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
+    return _loop
+
+
+def companion_info(replace: bool = False) -> dict[str, Any]:
+    """In a task: the info of this worker's companion process (see ``DistributedExecutor(companion=...)``).
+
+    It is started on first use and shared by every worker that takes this
+    worker's place. ``replace=True`` asks for a new one (this one is broken).
+
+    Raises:
+        RuntimeError: not called in a procpool worker, or the pool has no companion factory.
+    """
+    if _here is None:
+        raise RuntimeError("companion_info() works only in a task running in a procpool worker")
+    queue, slot = _here
+    return queue.companion(slot, replace)
 
 
 def _dumps(obj: Any) -> bytes | None:

@@ -4,6 +4,10 @@ Each account gets its own browser on its own profile directory; sessions are
 reused while healthy, evicted least-recently-used, closed when idle, probed
 for health, and measured for real (USS/PSS of the whole process tree).
 Usable from plain code and from asyncio code.
+
+With procpool, ``DistributedExecutor(companion=pinned_browsers())`` gives each
+worker its own browser, owned by the pool's manager process; an async task
+gets it with ``await current_browser()``.
 """
 
 from __future__ import annotations
@@ -16,15 +20,19 @@ from ._errors import (
     SessionPoolClosedError,
     SessionPoolFullError,
 )
+from ._pinned import PinnedBrowsers, current_browser, pinned_browsers
 from ._pool import SessionPool, get_optimized_session_pool
 
 __all__ = (
     "BrowserLaunchError",
     "BrowserNotFoundError",
+    "PinnedBrowsers",
     "ProfileInUseError",
     "SessionError",
     "SessionPool",
     "SessionPoolClosedError",
     "SessionPoolFullError",
+    "current_browser",
     "get_optimized_session_pool",
+    "pinned_browsers",
 )

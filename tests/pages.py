@@ -48,12 +48,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # quiet
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a browser closing a connection early is not news
+
+
 class PageServer:
     """Serves PAGES from a daemon thread until ``close``."""
 
     def __init__(self) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _Handler)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="pages", daemon=True)
         self._thread.start()

@@ -8,13 +8,23 @@ import sessions
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {
-        n
-        for n, v in vars(procpool).items()
-        if not n.startswith("_") and n != "annotations" and not isinstance(v, types.ModuleType)
-    }  # fmt: skip (procpool.prometheus is an optional submodule, not a name of the package)
-    assert set(procpool.__all__) == public
-    assert sessions.__all__ == ()
+    for package in (procpool, sessions):
+        public = {
+            n
+            for n, v in vars(package).items()
+            if not n.startswith("_") and n != "annotations" and not isinstance(v, types.ModuleType)
+        }  # fmt: skip (submodules such as procpool.prometheus are not names of the package)
+        assert set(package.__all__) == public, package.__name__
+
+
+def test_the_seed_session_api() -> None:
+    init = inspect.signature(sessions.SessionPool)
+    assert [(p, init.parameters[p].default) for p in list(init.parameters)[:4]] == [
+        ("max_sessions", 3), ("session_idle_timeout", 600), ("health_check_interval", 60),
+        ("memory_threshold_mb", 500.0),
+    ]  # fmt: skip
+    for name in ("get_session", "register_hook", "get_stats", "close_session", "close_all", "__enter__"):
+        assert callable(getattr(sessions.SessionPool, name))
 
 
 def test_seed_signatures_and_defaults() -> None:
