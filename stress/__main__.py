@@ -1,4 +1,4 @@
-"""``python -m stress [demo|compare|overhead] [options]``: the demo runs when no scenario is named."""
+"""``python -m stress [demo|compare|overhead|browsers] [options]``; no scenario: the demo."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "compare", "overhead")
+SCENARIOS = ("demo", "compare", "overhead", "browsers")
 
 
 def main(argv: list[str]) -> int:

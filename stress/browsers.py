@@ -1,0 +1,106 @@
+"""Browser figures, as ratios from one run: warm session vs launch, reconnect vs launch, memory per browser.
+
+- ``get_session`` of a warm session against a first launch (close, then get).
+- A pinned browser after its worker was SIGKILLed: the replacement worker's
+  ``current_browser()`` (a reconnect) against asking for a new browser
+  (a launch and a connect), both timed inside the task.
+- Memory of an idle browser: USS, PSS and summed RSS of its process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import time
+from typing import Any
+
+import psutil
+
+import sessions
+from procpool import DistributedExecutor, companion_info
+
+from .common import leftovers, say, table, write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=int, default=5, help="launches and reconnects to time")
+
+
+def run(args: argparse.Namespace) -> int:
+    figures: dict[str, Any] = {}
+    say("timing sessions: first launch and warm get_session ...")
+    figures.update(session_costs(args.repeat))
+    say("timing pinned browsers: reconnect after a worker kill, and a fresh launch ...")
+    figures.update(pinned_costs(args.repeat))
+    rows = [[name, value] for name, value in figures.items()]
+    say("\n" + table(["figure", "value"], rows))
+    problems = leftovers()
+    for problem in problems:
+        say(f"PROBLEM: left behind: {problem}")
+    say(f"\nreport: {write_report('browsers', {'figures': figures, 'problems': problems})}")
+    return 1 if problems else 0
+
+
+def session_costs(repeat: int) -> dict[str, float]:
+    """Launch vs warm ``get_session``, and an idle browser's memory three ways (MB)."""
+    with sessions.SessionPool(max_sessions=1) as pool:
+        launches = []
+        for _ in range(repeat):
+            pool.close_session("bench")
+            start = time.perf_counter()
+            pool.get_session("bench")
+            launches.append(time.perf_counter() - start)
+        warm = []
+        for _ in range(200):
+            start = time.perf_counter()
+            pool.get_session("bench")
+            warm.append(time.perf_counter() - start)
+        time.sleep(1.0)  # let the browser settle before it is measured
+        pid = pool.get_stats()["sessions"]["bench"]["pid"]
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        memory = [p.memory_full_info() for p in tree if p.status() != psutil.STATUS_ZOMBIE]
+    launch, hot = statistics.median(launches) * 1e3, statistics.median(warm) * 1e3
+    return {
+        "session: first launch, median (ms)": launch,
+        "session: warm get_session, median (ms)": hot,
+        "session: warm is faster by (x)": launch / hot,
+        "idle browser: processes": float(len(memory)),
+        "idle browser: USS (MB)": sum(m.uss for m in memory) / 2**20,
+        "idle browser: PSS (MB)": sum(m.pss for m in memory) / 2**20,
+        "idle browser: summed RSS (MB)": sum(m.rss for m in memory) / 2**20,
+    }
+
+
+async def _reconnect() -> float:
+    start = time.perf_counter()
+    await sessions.current_browser()
+    return time.perf_counter() - start
+
+
+async def _relaunch() -> float:
+    start = time.perf_counter()
+    companion_info(replace=True)  # the manager starts a new browser for this slot
+    await sessions.current_browser()
+    return time.perf_counter() - start
+
+
+def pinned_costs(repeat: int) -> dict[str, float]:
+    """A replacement worker reconnecting to its slot's browser vs a new browser."""
+    reconnects, launches = [], []
+    with DistributedExecutor(1, companion=sessions.pinned_browsers()) as ex:
+        ex.get_task_result(ex.submit_task(_reconnect), timeout=60)
+        for _ in range(repeat):
+            pid = ex.get_stats()["workers"]["local-worker-0"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            while ex.get_stats()["workers"]["local-worker-0"]["pid"] in (pid, 0):
+                time.sleep(0.01)
+            reconnects.append(ex.get_task_result(ex.submit_task(_reconnect), timeout=60))
+            launches.append(ex.get_task_result(ex.submit_task(_relaunch), timeout=60))
+    reconnect, launch = statistics.median(reconnects) * 1e3, statistics.median(launches) * 1e3
+    return {
+        "pinned: reconnect after a worker kill, median (ms)": reconnect,
+        "pinned: new browser (launch + connect), median (ms)": launch,
+        "pinned: reconnect is faster by (x)": launch / reconnect,
+    }
