@@ -35,6 +35,7 @@ import psutil
 from pyee import EventEmitter
 from pyppeteer.browser import Browser
 from pyppeteer.connection import Connection
+from pyppeteer.errors import NetworkError
 from websockets.legacy.client import connect as ws_connect
 
 from ._errors import BrowserLaunchError, BrowserNotFoundError
@@ -50,6 +51,7 @@ _FLAGS = (
     "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
 )  # fmt: skip
 _ENDPOINT = re.compile(r"DevTools listening on (ws://\S+)")
+_NAVIGATING = re.compile(r"context was destroyed|Cannot find context|Target closed|Session closed")
 _POLL = 0.005  # seconds between looks at the log while Chromium starts
 _KILL_WAIT = 5.0  # seconds for a SIGKILLed browser to be reaped
 T = TypeVar("T")
@@ -234,8 +236,13 @@ async def probe(browser: Browser, timeout: float) -> str | None:
             return "no reply to Browser.getVersion (the connection is closed)"
         pages = await bounded(browser.pages(), timeout)
         for page in pages:
-            if await bounded(page.evaluate("1 + 1"), timeout) != 2:
-                return f"page {page.url} gave a wrong answer to 1 + 1"
+            try:
+                if await bounded(page.evaluate("1 + 1"), timeout) != 2:
+                    return f"page {page.url} gave a wrong answer to 1 + 1"
+            except NetworkError as exc:
+                if not _NAVIGATING.search(str(exc)):
+                    raise  # else the page is between two documents: alive
+
     except TimeoutError:
         return f"no answer within {timeout:g} s (frozen browser, or a page stuck in JavaScript)"
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is the verdict

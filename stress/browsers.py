@@ -21,7 +21,7 @@ import psutil
 import sessions
 from procpool import DistributedExecutor, companion_info
 
-from .common import leftovers, say, table, write_report
+from .common import conclude, figure_table, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +34,7 @@ def run(args: argparse.Namespace) -> int:
     figures.update(session_costs(args.repeat))
     say("timing pinned browsers: reconnect after a worker kill, and a fresh launch ...")
     figures.update(pinned_costs(args.repeat))
-    rows = [[name, value] for name, value in figures.items()]
-    say("\n" + table(["figure", "value"], rows))
-    problems = leftovers()
-    for problem in problems:
-        say(f"PROBLEM: left behind: {problem}")
-    say(f"\nreport: {write_report('browsers', {'figures': figures, 'problems': problems})}")
-    return 1 if problems else 0
+    return conclude("browsers", figures, figure_table(figures))
 
 
 def session_costs(repeat: int) -> dict[str, float]:

@@ -84,6 +84,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def conclude(name: str, figures: dict[str, Any], shown: str) -> int:
+    """Print ``shown`` (a table), check for leftovers, write the JSON report; the exit code."""
+    say("\n" + shown)
+    problems = leftovers()
+    for problem in problems:
+        say(f"PROBLEM: left behind: {problem}")
+    say(f"\nreport: {write_report(name, {'figures': figures, 'problems': problems})}")
+    return 1 if problems else 0
+
+
+def figure_table(figures: dict[str, Any]) -> str:
+    """Name and value, a row each."""
+    return table(["figure", "value"], [[name, value] for name, value in figures.items()])
+
+
 def write_report(name: str, report: dict[str, Any]) -> Path:
     OUT.mkdir(exist_ok=True)
     path = OUT / f"{name}.json"

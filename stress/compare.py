@@ -22,7 +22,7 @@ import pebble
 from procpool import DistributedExecutor
 
 from . import tasks
-from .common import call_cost_us, leftovers, percentile, say, table, write_report
+from .common import call_cost_us, conclude, percentile, say, table
 
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
@@ -62,13 +62,9 @@ def run(args: argparse.Namespace) -> int:
                 continue
             ratio = _ratio(name, ours, value)
             rows.append([name, peer, value, ours, ratio])
-    say("\n" + table(["figure", "peer", "peer", "procpool", "procpool better by"], rows))
-    problems = leftovers()
-    for problem in problems:
-        say(f"PROBLEM: left behind: {problem}")
-    path = write_report("compare", {"figures": results, "problems": problems})
-    say(f"\nreport: {path}")
-    return 1 if problems else 0
+    return conclude(
+        "compare", results, table(["figure", "peer", "peer", "procpool", "procpool better by"], rows)
+    )
 
 
 def _ratio(name: str, ours: Any, peer: Any) -> str:

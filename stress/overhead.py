@@ -20,7 +20,7 @@ import psutil
 from procpool import DistributedExecutor
 from procpool._memory import TreeSampler
 
-from .common import call_cost_us, leftovers, say, table, write_report
+from .common import call_cost_us, conclude, figure_table, say
 
 _READER = """
 import sys
@@ -39,13 +39,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"starting a pool of {args.workers} workers ...")
     with DistributedExecutor(max_local_workers=args.workers) as ex:
         figures = measure(ex, args.workers, args.calls)
-    rows = [[name, value] for name, value in figures.items()]
-    say("\n" + table(["figure", "value"], rows))
-    problems = leftovers()
-    for problem in problems:
-        say(f"PROBLEM: left behind: {problem}")
-    say(f"\nreport: {write_report('overhead', {'figures': figures, 'problems': problems})}")
-    return 1 if problems else 0
+    return conclude("overhead", figures, figure_table(figures))
 
 
 def measure(ex: DistributedExecutor, workers: int, calls: int) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so workers can import faults
 
+from pages import PageServer
+
 from procpool import DistributedExecutor
 
 SHUTDOWN_BUDGET = 10.0  # seconds a shutdown may take before the test fails
@@ -91,3 +93,11 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[PageServer]:
+    """Test pages on 127.0.0.1 (see pages.py), one server per test module."""
+    server = PageServer()
+    yield server
+    server.close()

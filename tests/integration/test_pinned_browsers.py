@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,6 @@ import sessions
 from procpool import DistributedExecutor, TaskPriority, TaskStatus, TaskTimeoutError, companion_info
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[PageServer]:
-    server = PageServer()
-    yield server
-    server.close()
 
 
 async def visit(url: str, script: str = "() => document.body.innerText") -> tuple[Any, int]:

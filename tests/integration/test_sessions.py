@@ -30,13 +30,6 @@ from sessions import (
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture(scope="module")
-def site() -> Iterator[PageServer]:
-    server = PageServer()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def make_pool() -> Iterator[Callable[..., SessionPool]]:
     made: list[SessionPool] = []
@@ -135,6 +128,7 @@ def test_asyncio_use_on_the_caller_s_own_loop(
                 await pool.get_session_async("other")  # the only session is in use: nothing to evict
         again = await pool.get_session_async("ctr-prod")
         assert again is browser  # the same connection on this loop
+        await browser.disconnect()  # this loop's connection; the browser itself lives on
         return title, pool.get_stats()["sessions"]["ctr-prod"]["in_use"]
 
     assert asyncio.run(main()) == ("home", 0)
