@@ -87,6 +87,7 @@ class Core:
         self.total_requests = 0
         self.total_errors = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- using sessions --------------------------------------------------------
 
@@ -164,11 +165,22 @@ class Core:
         self.failures[account] = self.failures.get(account, 0) + 1
 
     async def close(self, account: str) -> bool:
-        """Close one session: its whole process tree is killed and reaped."""
+        """Close one session: its whole process tree is killed and reaped.
+
+        The closing runs to the end even if the caller is cancelled (the pool
+        shutting down), so no browser is left running unseen.
+        """
         session = self.sessions.pop(account, None)
         if session is None:
             return False
         session.closing = True
+        task = asyncio.get_running_loop().create_task(self._finish_close(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        await asyncio.shield(task)
+        return True
+
+    async def _finish_close(self, session: Session) -> None:
         grace = 0.0
         if session.healthy and session.process.alive():
             # Browser.close lets Chromium write its cookies and state to the profile first.
@@ -179,12 +191,14 @@ class Core:
             await bounded(session.browser.disconnect(), _CLOSE_GRACE)
         await asyncio.get_running_loop().run_in_executor(None, session.process.stop, grace)
         os.close(session.lock_fd)
-        await self._fire("session_closed", account)
-        return True
+        await self._fire("session_closed", session.account)
 
     async def close_all(self) -> None:
+        """Close every session, and wait for closings already under way."""
         for account in list(self.sessions):
             await self.close(account)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # -- upkeep ------------------------------------------------------------------
 

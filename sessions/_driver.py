@@ -221,7 +221,17 @@ async def connect(endpoint: str, timeout: float) -> Browser:
 
 async def bounded(call: Awaitable[T], timeout: float) -> T:
     """Await a CDP call for at most ``timeout``; a late reply is dropped, the connection lives on."""
-    return await asyncio.wait_for(asyncio.shield(call), timeout)
+    inner = asyncio.ensure_future(call)
+    try:
+        return await asyncio.wait_for(asyncio.shield(inner), timeout)
+    finally:
+        if not inner.done():
+            inner.add_done_callback(_drop)
+
+
+def _drop(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it: nobody waits for it any more
 
 
 async def probe(browser: Browser, timeout: float) -> str | None:

@@ -159,6 +159,10 @@ class SessionPool:
         with contextlib.suppress(asyncio.CancelledError):
             await upkeep
         await self._core.close_all()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:  # connections winding down: end them before the loop closes
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def __enter__(self) -> SessionPool:
         return self
