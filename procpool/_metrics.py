@@ -392,8 +392,9 @@ def _read_workers(buf: memoryview, snap: bytes, slots: int) -> tuple[dict[str, d
         workers[name] = view
         if fields[3]:
             active += 1
-            if fields[19] == fields[4]:  # sampled: the worker's tree and its browser's
-                memory += fields[20] + fields[29]
+            memory += fields[29]  # its companion (browser), if any
+            if fields[19] == fields[4]:  # a sample of this worker process, not of an earlier one
+                memory += fields[20]
     return workers, active, memory
 
 
@@ -426,19 +427,19 @@ def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, An
             view["current_task"] = _name(task)
         if heartbeat:
             view["heartbeat_age"] = now - heartbeat
+        if b_pid:  # the slot's companion outlives its workers: its figures stay good
+            view["browser"] = {
+                "pid": b_pid,
+                "memory_mb": b_uss / MB,
+                "pss_mb": b_pss / MB,
+                "processes": b_procs,
+            }
         if mem_pid == pid:  # else the figures are those of the slot's earlier process
             view["memory_mb"] = uss / MB
             view["pss_mb"] = pss / MB
             view["processes"] = procs
             view["cpu_percent"] = cpu
             view["memory_source"] = "uss" if exact else "rss"
-            if b_pid:
-                view["browser"] = {
-                    "pid": b_pid,
-                    "memory_mb": b_uss / MB,
-                    "pss_mb": b_pss / MB,
-                    "processes": b_procs,
-                }
     return _name(name), view
 
 

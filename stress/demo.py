@@ -1,8 +1,11 @@
-"""The default scenario: a mixed workload with injected faults, checked end to end.
+"""The default scenario: a mixed workload with browsers and injected faults, checked end to end.
 
-    submitter (this thread) ── submit_task / submit_batch ──▶ DistributedExecutor
-    chaos (this thread, every few seconds) ── SIGKILL ──▶ a random worker
+    pages (127.0.0.1) ◀── each worker's pinned browser ── multi-account fan-out, HIGH batches
+    submitter (this thread) ── submit_task / submit_batch ──▶ DistributedExecutor (companion: browsers)
+                            ── get_session ──▶ SessionPool (one browser per account, in this process)
+    chaos (this thread) ── SIGKILL ──▶ a random worker every few seconds, a browser now and then
     callbacks ── count terminal events per task ──▶ the checks at the end
+    timeline ── get_stats() twice a second ──▶ summary, JSON report and PNG plot
 
 It fails (exit 1) if any task was lost or reported twice, ended in a state
 its kind does not allow, if the stats do not add up, or if any process or
@@ -19,8 +22,10 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
+import sessions
 from procpool import (
     DistributedExecutor,
     TaskPriority,
@@ -31,7 +36,9 @@ from procpool import (
 )
 
 from . import tasks
-from .common import is_tty, leftovers, percentile, say, table, write_report
+from .common import OUT, is_tty, leftovers, percentile, say, table, write_report
+from .pages import PageServer
+from .plot import plot_timeline
 
 # kind -> (function, args, per-task timeout, the terminal states it may end in)
 KINDS: dict[str, tuple[Any, tuple[Any, ...], float | None, set[TaskStatus]]] = {
@@ -41,64 +48,117 @@ KINDS: dict[str, tuple[Any, tuple[Any, ...], float | None, set[TaskStatus]]] = {
     "crash": (tasks.crash, (), None, {TaskStatus.FAILED}),
     "sigkill": (tasks.kill_self, (), None, {TaskStatus.FAILED}),
     "raise": (tasks.fail, (), None, {TaskStatus.FAILED}),
+    # A browser killed mid-task may fail its attempts: FAILED is allowed, ending twice is not.
+    "browse": (tasks.browse, (), 20.0, {TaskStatus.COMPLETED, TaskStatus.FAILED}),
 }
 FAULTS = ["hang", "deaf", "crash", "sigkill", "raise"]
-BATCH_EVERY = 1.0  # seconds between HIGH batches
+BATCH_EVERY = 1.0  # seconds between HIGH batches of CPU tasks
+FANOUT_EVERY = 3.0  # seconds between multi-account browser fan-outs
 CHAOS_EVERY = 3.0  # seconds between SIGKILLs of a random worker from outside
+BROWSER_KILL_EVERY = 10.0  # seconds between SIGKILLs of a random pinned browser
+SESSION_EVERY = 2.0  # seconds between uses of the in-process session pool
+SAMPLE_EVERY = 0.5  # seconds between timeline samples
 BACKLOG = 40  # tasks per worker kept queued at most, so latency stays meaningful
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of submitting (default 30)")
+    parser.add_argument("--duration", type=float, default=45.0, help="seconds of submitting (default 45)")
     parser.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
+    parser.add_argument("--accounts", type=int, default=4, help="accounts in each browser fan-out")
     parser.add_argument("--fault-rate", type=float, default=0.05, help="share of tasks that misbehave")
-    parser.add_argument("--no-chaos", action="store_true", help="do not SIGKILL workers from outside")
+    parser.add_argument("--no-chaos", action="store_true", help="do not SIGKILL workers or browsers")
+    parser.add_argument("--no-browser", action="store_true", help="no browsers: CPU tasks and faults only")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
+
+
+@dataclass
+class Run:
+    """What one run submitted, saw and measured."""
+
+    args: argparse.Namespace
+    rng: random.Random
+    site: str = ""  # the page server's base URL, with browsers
+    kinds: dict[str, str] = field(default_factory=dict)
+    submitted: Counter[str] = field(default_factory=Counter)  # by priority
+    done: Counter[str] = field(default_factory=Counter)  # by priority
+    terminal: Counter[str] = field(default_factory=Counter)  # by task id
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    chaos: Counter[str] = field(default_factory=Counter)  # faults injected from outside
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    peak_mb: dict[str, float] = field(default_factory=dict)  # per worker and per browser
+
+    def count(self, record: TaskRecord) -> None:
+        with self.lock:
+            self.terminal[record.task_id] += 1
+            self.done[record.priority.name] += 1
+
+    def add(self, ids: list[str], kind: str, priority: TaskPriority) -> None:
+        for task_id in ids:
+            self.kinds[task_id] = kind
+        self.submitted[priority.name] += len(ids)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    rng = random.Random(args.seed)
-    terminal: Counter[str] = Counter()
-    lock = threading.Lock()
-
-    def count(record: TaskRecord) -> None:
-        with lock:
-            terminal[record.task_id] += 1
-
-    kinds: dict[str, str] = {}
+    state = Run(args, random.Random(args.seed))
+    site = None if args.no_browser else PageServer()
+    pool = None if site is None else sessions.SessionPool(max_sessions=2)
+    options: dict[str, Any] = {} if site is None else {"companion": sessions.pinned_browsers()}
     started = time.monotonic()
-    with DistributedExecutor(
-        max_local_workers=args.workers, task_timeout=10, max_retries=2, kill_grace=0.3
-    ) as ex:
-        for event in ("task_complete", "task_failed", "task_cancelled"):
-            ex.register_callback(event, count)
-        chaos_kills = drive(ex, args, rng, kinds)
-        say("submitting done; waiting for the last tasks")
-        ex.wait_for_tasks(list(kinds), timeout=120)
-        ex.shutdown()
-        elapsed = time.monotonic() - started
-        stats = ex.get_stats()
-        records = {task_id: ex.get_task(task_id) for task_id in kinds}
-    problems = check(kinds, records, terminal, stats)
+    try:
+        with DistributedExecutor(
+            max_local_workers=args.workers,
+            task_timeout=10,
+            max_retries=2,
+            kill_grace=0.3,
+            memory_sample_interval=SAMPLE_EVERY,
+            **options,
+        ) as ex:
+            for event in ("task_complete", "task_failed", "task_cancelled"):
+                ex.register_callback(event, state.count)
+            state.site = site.url if site else ""
+            stop = threading.Event()
+            user = None
+            if pool is not None:
+                user = threading.Thread(target=use_sessions, args=(pool, state, stop), name="sessions-user")
+                user.start()
+            try:
+                drive(ex, state)
+            finally:
+                stop.set()
+                if user is not None:
+                    user.join()
+            say("submitting done; waiting for the last tasks")
+            ex.wait_for_tasks(list(state.kinds), timeout=120)
+            sample(ex, state, started)
+            ex.shutdown()
+            stats = ex.get_stats()
+            records = {task_id: ex.get_task(task_id) for task_id in state.kinds}
+        pool_stats = pool.get_stats() if pool else None
+    finally:
+        if pool is not None:
+            pool.close()
+        if site is not None:
+            site.close()
+    elapsed = time.monotonic() - started
+    problems = check(state.kinds, records, state.terminal, stats)
     problems += [f"left behind: {item}" for item in leftovers()]
-    report = summarise(kinds, records, stats, elapsed, chaos_kills)
+    report = summarise(state, records, stats, elapsed, pool_stats)
     report["problems"] = problems
-    path = write_report("demo", report)
-    say(f"\nreport: {path}")
+    image = plot_timeline(state.timeline, OUT / "demo.png", f"python -m stress: {len(state.kinds)} tasks")
+    say(f"\nreport: {write_report('demo', report)}" + (f", plot: {image}" if image else ""))
     for problem in problems:
         say(f"PROBLEM: {problem}")
     say("FAILED" if problems else "OK: every task ended exactly once, stats add up, nothing left behind")
     return 1 if problems else 0
 
 
-def drive(
-    ex: DistributedExecutor, args: argparse.Namespace, rng: random.Random, kinds: dict[str, str]
-) -> int:
-    """Submit the workload until the duration is over; returns how many workers chaos killed."""
-    end = time.monotonic() + args.duration
-    next_batch = next_chaos = next_view = time.monotonic()
-    chaos_kills = 0
+def drive(ex: DistributedExecutor, state: Run) -> None:
+    """Submit the workload until the duration is over, injecting faults from outside."""
+    args, rng = state.args, state.rng
+    begin = time.monotonic()
+    end = begin + args.duration
+    due = dict.fromkeys(("batch", "fanout", "chaos", "browser", "view", "sample"), begin + 1.0)
     view = Progress()
     while (now := time.monotonic()) < end:
         stats = ex.get_stats()
@@ -106,21 +166,73 @@ def drive(
             kind = rng.choice(FAULTS) if rng.random() < args.fault_rate else "cpu"
             fn, fn_args, timeout, _ = KINDS[kind]
             priority = rng.choice(list(TaskPriority))
-            kinds[ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)] = kind
+            state.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], kind, priority)
         else:
             time.sleep(0.002)
-        if now >= next_batch:
-            for task_id in ex.submit_batch([(tasks.cpu, (5_000,))] * 20, priority=TaskPriority.HIGH):
-                kinds[task_id] = "batch"
-            next_batch = now + BATCH_EVERY
-        if not args.no_chaos and now >= next_chaos and now > 1.0 + end - args.duration:
-            chaos_kills += kill_random_worker(stats, rng)
-            next_chaos = now + CHAOS_EVERY
-        if now >= next_view:
-            view.show(stats, end - now)
-            next_view = now + (0.25 if is_tty() else 2.0)
+        if now >= due["batch"]:
+            ids = ex.submit_batch([(tasks.cpu, (5_000,))] * 20, priority=TaskPriority.HIGH)
+            state.add(ids, "batch", TaskPriority.HIGH)
+            due["batch"] = now + BATCH_EVERY
+        if state.site and now >= due["fanout"]:
+            fanout(ex, state)
+            due["fanout"] = now + FANOUT_EVERY
+        if not args.no_chaos and now >= due["chaos"]:
+            state.chaos["workers killed"] += kill_random_worker(stats, rng)
+            due["chaos"] = now + CHAOS_EVERY
+        if state.site and not args.no_chaos and now >= due["browser"] and now > begin + 5:
+            state.chaos["browsers killed"] += kill_random_browser(stats, rng)
+            due["browser"] = now + BROWSER_KILL_EVERY
+        if now >= due["sample"]:
+            sample(ex, state, begin, stats)
+            due["sample"] = now + SAMPLE_EVERY
+        if now >= due["view"]:
+            view.show(stats, state, end - now)
+            due["view"] = now + (0.25 if is_tty() else 5.0)
     view.close()
-    return chaos_kills
+
+
+def fanout(ex: DistributedExecutor, state: Run) -> None:
+    """One task per account, each driving its worker's browser: the seed's multi-account fan-out."""
+    accounts = [f"account-{i}" for i in range(state.args.accounts)]
+    fn, _, timeout, _ = KINDS["browse"]
+    ids = ex.submit_batch(
+        [(fn, (state.site, a)) for a in accounts], priority=TaskPriority.HIGH, timeout=timeout
+    )
+    state.add(ids, "browse", TaskPriority.HIGH)
+
+
+def use_sessions(pool: sessions.SessionPool, state: Run, stop: threading.Event) -> None:
+    """The in-process session pool, on its own thread: a browser per account, reused, evicted LRU."""
+    rng = random.Random(state.args.seed)
+
+    async def visit(browser: Any) -> None:
+        page = await browser.newPage()
+        try:
+            await page.goto(f"{state.site}/whoami")
+        finally:
+            await page.close()
+
+    while not stop.wait(SESSION_EVERY):
+        browser = pool.get_session(f"account-{rng.randrange(3)}")
+        pool.run(visit(browser), timeout=30)
+
+
+def sample(ex: DistributedExecutor, state: Run, begin: float, stats: dict[str, Any] | None = None) -> None:
+    """One point of the timeline, and the peak memory of every worker and browser."""
+    stats = stats or ex.get_stats()
+    workers_mb = browsers_mb = 0.0
+    for name, w in stats["workers"].items():
+        workers_mb += w["memory_mb"] or 0.0
+        state.peak_mb[name] = max(state.peak_mb.get(name, 0.0), w["memory_mb"] or 0.0)
+        if w["browser"]:
+            browsers_mb += w["browser"]["memory_mb"]
+            key = f"{name} browser"
+            state.peak_mb[key] = max(state.peak_mb.get(key, 0.0), w["browser"]["memory_mb"])
+    finished = stats["completed_tasks"] + stats["failed_tasks"] + stats["cancelled_tasks"]
+    state.timeline.append(
+        {"t": time.monotonic() - begin, "finished": finished, "depth": stats["queue_depth"],
+         "workers_mb": workers_mb, "browsers_mb": browsers_mb}
+    )  # fmt: skip
 
 
 def kill_random_worker(stats: dict[str, Any], rng: random.Random) -> int:
@@ -134,34 +246,56 @@ def kill_random_worker(stats: dict[str, Any], rng: random.Random) -> int:
     return 1
 
 
+def kill_random_browser(stats: dict[str, Any], rng: random.Random) -> int:
+    pids = [w["browser"]["pid"] for w in stats["workers"].values() if w["active"] and w["browser"]]
+    if not pids:
+        return 0
+    try:
+        os.kill(rng.choice(pids), signal.SIGKILL)
+    except ProcessLookupError:
+        return 0
+    return 1
+
+
 class Progress:
-    """Live lines on a terminal; a plain log line every few seconds otherwise."""
+    """A bar per priority and a line per worker on a terminal; a plain log line otherwise."""
 
     def __init__(self) -> None:
         self._lines = 0
 
-    def show(self, stats: dict[str, Any], left: float) -> None:
-        depth = stats["queue_depth"]
+    def show(self, stats: dict[str, Any], state: Run, left: float) -> None:
         head = (
             f"{left:5.1f}s left | done {stats['completed_tasks']} failed {stats['failed_tasks']} "
             f"cancelled {stats['cancelled_tasks']} running {stats['running_tasks']} "
-            f"retries {stats['retried_tasks']} | queued " + " ".join(f"{k}:{v}" for k, v in depth.items())
+            f"retries {stats['retried_tasks']} | memory {stats['memory_mb']:.0f} MB"
         )
         if not is_tty():
-            say(head)
+            say(head + " | queued " + " ".join(f"{k}:{v}" for k, v in stats["queue_depth"].items()))
             return
-        workers = [
-            f"  {name:16} {w['state']:8} {w['completed']:6} done {w['failed']:4} failed "
-            f"restarts {w['restarts']:3} load {w['load']:.2f}"
-            for name, w in stats["workers"].items()
-        ]
-        lines = [head, *workers]
+        with state.lock:
+            bars = [_bar(p.name, state.done[p.name], state.submitted[p.name]) for p in TaskPriority]
+        workers = [_worker_line(name, w) for name, w in stats["workers"].items()]
+        lines = [head, *bars, *workers]
         out = ("\x1b[F" * self._lines) + "\n".join("\x1b[2K" + line for line in lines)
         print(out, flush=True)
         self._lines = len(lines)
 
     def close(self) -> None:
         self._lines = 0
+
+
+def _bar(name: str, done: int, submitted: int, width: int = 30) -> str:
+    filled = int(width * done / submitted) if submitted else 0
+    return f"  {name:6} [{'#' * filled}{'.' * (width - filled)}] {done}/{submitted}"
+
+
+def _worker_line(name: str, w: dict[str, Any]) -> str:
+    memory = f"{w['memory_mb']:6.1f} MB" if w["memory_mb"] is not None else "     - MB"
+    browser = f" browser {w['browser']['memory_mb']:6.1f} MB" if w["browser"] else ""
+    return (
+        f"  {name:16} {w['state']:8} {w['completed']:6} done {w['failed']:4} failed "
+        f"restarts {w['restarts']:3} {memory}{browser}"
+    )
 
 
 def check(
@@ -186,6 +320,10 @@ def check(
             and record.result != tasks.expected_cpu(20_000)
         ):
             problems.append(f"{task_id} returned a wrong result")
+        if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
+            problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
+        if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
+            problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
     parts = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
     if stats["total_tasks"] != len(kinds) or stats["total_tasks"] != sum(stats[p] for p in parts):
         problems.append(f"stats do not add up: {[(p, stats[p]) for p in ('total_tasks', *parts)]}")
@@ -193,23 +331,18 @@ def check(
 
 
 def summarise(
-    kinds: dict[str, str], records: dict[str, TaskRecord], stats: dict[str, Any], elapsed: float, chaos: int
+    state: Run, records: dict[str, TaskRecord], stats: dict[str, Any], elapsed: float, pool: Any
 ) -> dict[str, Any]:
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     latency: dict[str, list[float]] = defaultdict(list)
-    for task_id, kind in kinds.items():
+    for task_id, kind in state.kinds.items():
         record = records[task_id]
         by_kind[kind][record.status.name] += 1
         if record.status is TaskStatus.COMPLETED and record.finished_at:
             latency[record.priority.name].append(record.finished_at - record.submitted_at)
     states = ["COMPLETED", "FAILED", "CANCELLED"]
-    say(
-        "\n"
-        + table(
-            ["kind", *states, "total"],
-            [[k, *(c[s] for s in states), sum(c.values())] for k, c in sorted(by_kind.items())],
-        )
-    )
+    kinds = [[k, *(c[s] for s in states), sum(c.values())] for k, c in sorted(by_kind.items())]
+    say("\n" + table(["kind", *states, "total"], kinds))
     rows = [
         [
             p.name,
@@ -220,19 +353,26 @@ def summarise(
         for p in TaskPriority
     ]
     say("\n" + table(["priority", "completed", "p50 ms", "p99 ms"], rows))
+    say("\n" + table(["peak memory (USS)", "MB"], sorted(state.peak_mb.items())))
     timeouts = sum(1 for r in records.values() if isinstance(r.error, TaskTimeoutError))
+    injected = ", ".join(f"{n} {what}" for what, n in state.chaos.items()) or "no faults from outside"
     say(
-        f"\n{len(kinds)} tasks in {elapsed:.1f} s ({len(kinds) / elapsed:,.0f}/s), "
-        f"{stats['retried_tasks']} retries, {timeouts} timeouts, {chaos} workers killed from outside"
+        f"\n{len(state.kinds)} tasks in {elapsed:.1f} s ({len(state.kinds) / elapsed:,.0f}/s), "
+        f"{stats['retried_tasks']} retries, {timeouts} timeouts; {injected}"
     )
+    if pool:
+        say(f"session pool: {pool['total_requests']} requests, {pool['total_errors']} errors")
     return {
-        "tasks": len(kinds),
+        "tasks": len(state.kinds),
         "seconds": elapsed,
         "by_kind": {k: dict(v) for k, v in by_kind.items()},
         "latency_ms": {r[0]: {"p50": r[2], "p99": r[3], "n": r[1]} for r in rows},
         "retries": stats["retried_tasks"],
         "timeouts": timeouts,
-        "chaos_kills": chaos,
+        "chaos": dict(state.chaos),
+        "peak_memory_mb": state.peak_mb,
+        "session_pool": pool,
         "stats": {k: v for k, v in stats.items() if k != "workers"},
         "workers": stats["workers"],
+        "timeline": state.timeline,
     }

@@ -51,3 +51,20 @@ def fail(message: str = "injected failure") -> None:
 
 def noop_arg(_: object) -> None:
     return None
+
+
+TABLE_ROWS = 20  # rows of the /table page in stress.pages
+
+
+async def browse(base: str, account: str) -> int:
+    """Log in as ``account`` with this worker's browser, then count the rows of the table page."""
+    import sessions  # here, so that scenarios without browsers never import pyppeteer
+
+    browser = await sessions.current_browser()
+    page = await browser.newPage()
+    try:
+        await page.goto(f"{base}/login?account={account}")
+        await page.goto(f"{base}/table")
+        return await page.evaluate("() => document.querySelectorAll('tr').length")  # type: ignore[no-any-return]
+    finally:
+        await page.close()

@@ -19,9 +19,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so workers can import faults
 
-from pages import PageServer
-
 from procpool import DistributedExecutor
+from stress.pages import PageServer
 
 SHUTDOWN_BUDGET = 10.0  # seconds a shutdown may take before the test fails
 LEAK_WAIT = 5.0  # seconds for killed processes to be reaped before they count as leaked

@@ -15,10 +15,10 @@ from typing import Any
 import psutil
 import pytest
 from conftest import wait_until
-from pages import PageServer
 
 import sessions
 from procpool import DistributedExecutor, TaskPriority, TaskStatus, TaskTimeoutError, companion_info
+from stress.pages import PageServer
 
 pytestmark = pytest.mark.browser
 

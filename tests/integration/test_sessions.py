@@ -15,7 +15,6 @@ from typing import Any
 import psutil
 import pytest
 from conftest import wait_until
-from pages import PageServer
 
 from sessions import (
     BrowserLaunchError,
@@ -26,6 +25,7 @@ from sessions import (
     SessionPoolFullError,
     get_optimized_session_pool,
 )
+from stress.pages import PageServer
 
 pytestmark = pytest.mark.browser
 

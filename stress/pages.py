@@ -1,4 +1,4 @@
-"""A local HTTP server for browser tests and the stress demo: 127.0.0.1 only, never the internet.
+"""A local HTTP server for the stress scenarios and browser tests: 127.0.0.1 only, never the internet.
 
 /         a plain page
 /login    sets a ``session`` cookie (a login)
