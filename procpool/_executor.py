@@ -378,6 +378,12 @@ class DistributedExecutor(concurrent.futures.Executor):
         else:
             threading.Thread(target=self._finish, name="procpool-shutdown", daemon=True).start()
 
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Leaving the ``with`` block runs what is queued, unless Ctrl-C left it: then queued tasks
+        are cancelled (running ones end at the latest at their deadline)."""
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.shutdown(wait=True, cancel_futures=interrupted)
+
     def _finish(self) -> None:
         with self._finish_lock:
             if self._final_stats is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -55,6 +56,7 @@ _NAVIGATING = re.compile(r"context was destroyed|Cannot find context|Target clos
 _POLL = 0.005  # seconds between looks at the log while Chromium starts
 _KILL_WAIT = 5.0  # seconds for a SIGKILLed browser to be reaped
 T = TypeVar("T")
+log = logging.getLogger("sessions")
 
 
 def find_chromium(executable: str | os.PathLike[str] | None = None) -> str:
@@ -206,7 +208,10 @@ class _Connection(Connection):  # type: ignore[misc]
 
 async def connect(endpoint: str, timeout: float) -> Browser:
     """A pyppeteer Browser on the running loop for a Chromium already listening at ``endpoint``."""
-    connection = _Connection(endpoint, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    if loop.get_exception_handler() is None:
+        loop.set_exception_handler(_quiet_orphans)
+    connection = _Connection(endpoint, loop)
     try:
         reply = await bounded(connection.send("Target.getBrowserContexts"), timeout)
         contexts = (reply or {}).get("browserContextIds", [])
@@ -227,6 +232,15 @@ async def bounded(call: Awaitable[T], timeout: float) -> T:
     finally:
         if not inner.done():
             inner.add_done_callback(_drop)
+
+
+def _quiet_orphans(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # pyppeteer sends some CDP commands without awaiting them; when a page or browser
+    # goes away their futures fail with nobody to hear it. That is not news.
+    if isinstance(context.get("exception"), NetworkError) and "never retrieved" in context.get("message", ""):
+        log.debug("dropped: %s", context["exception"])
+        return
+    loop.default_exception_handler(context)
 
 
 def _drop(future: asyncio.Future[Any]) -> None:

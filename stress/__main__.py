@@ -1,4 +1,4 @@
-"""``python -m stress [demo|compare|overhead|browsers] [options]``; no scenario: the demo."""
+"""``python -m stress [SCENARIO] [options]``: demo (the default), chaos, soak, compare, overhead, browsers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "compare", "overhead", "browsers")
+SCENARIOS = ("demo", "chaos", "soak", "compare", "overhead", "browsers")
 
 
 def main(argv: list[str]) -> int:

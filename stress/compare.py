@@ -21,8 +21,9 @@ import pebble
 
 from procpool import DistributedExecutor
 
-from . import tasks
-from .common import call_cost_us, conclude, percentile, say, table
+from . import browsers, tasks
+from .common import OUT, call_cost_us, conclude, percentile, say, table
+from .plot import plot_ratios
 
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
@@ -51,27 +52,53 @@ def run(args: argparse.Namespace) -> int:
         ("worker death to task reported, p99 (ms)", lambda: death_latency(args.repeat, "reported")),
         ("worker death to next task done, p99 (ms)", lambda: death_latency(args.repeat, "next")),
         ("stats read with 64 workers (us)", stats_cost),
+        ("browser: warm get_session, median (ms)", lambda: browser_session(args.repeat)),
+        ("browser: reconnect after a worker kill, median (ms)", lambda: browser_reconnect(args.repeat)),
     ]:
         say(f"measuring {name} ...")
         results[name] = measure()
     rows = []
+    ratios: dict[str, float] = {}
     for name, figures in results.items():
         ours = figures.get("procpool")
         for peer, value in figures.items():
             if peer == "procpool":
                 continue
             ratio = _ratio(name, ours, value)
-            rows.append([name, peer, value, ours, ratio])
-    return conclude(
-        "compare", results, table(["figure", "peer", "peer", "procpool", "procpool better by"], rows)
-    )
+            rows.append([name, peer, value, ours, "-" if ratio is None else f"{ratio:.2f}x"])
+            if ratio is not None:
+                ratios[f"{name.split(' (')[0].split(', median')[0]} vs {peer}"] = ratio
+    image = plot_ratios(ratios, OUT / "compare.png")
+    if image:
+        say(f"chart: {image}")
+    headers = ["figure", "peer", "peer", "procpool", "procpool better by"]
+    return conclude("compare", results, table(headers, rows))
 
 
-def _ratio(name: str, ours: Any, peer: Any) -> str:
+def _ratio(name: str, ours: Any, peer: Any) -> float | None:
     if not isinstance(ours, float) or not isinstance(peer, float) or not ours or not peer:
-        return "-"
+        return None
     higher_is_better = "tasks/s" in name
-    return f"{(ours / peer if higher_is_better else peer / ours):.2f}x"
+    return ours / peer if higher_is_better else peer / ours
+
+
+# -- browsers (one implementation: stress.browsers) ------------------------------
+
+
+def browser_session(repeat: int) -> dict[str, Any]:
+    figures = browsers.session_costs(repeat)
+    return {
+        "procpool": figures["session: warm get_session, median (ms)"],
+        "a browser launch": figures["session: first launch, median (ms)"],
+    }
+
+
+def browser_reconnect(repeat: int) -> dict[str, Any]:
+    figures = browsers.pinned_costs(repeat)
+    return {
+        "procpool": figures["pinned: reconnect after a worker kill, median (ms)"],
+        "a browser launch": figures["pinned: new browser (launch + connect), median (ms)"],
+    }
 
 
 # -- throughput ----------------------------------------------------------------

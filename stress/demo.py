@@ -48,8 +48,9 @@ KINDS: dict[str, tuple[Any, tuple[Any, ...], float | None, set[TaskStatus]]] = {
     "crash": (tasks.crash, (), None, {TaskStatus.FAILED}),
     "sigkill": (tasks.kill_self, (), None, {TaskStatus.FAILED}),
     "raise": (tasks.fail, (), None, {TaskStatus.FAILED}),
-    # A browser killed mid-task may fail its attempts: FAILED is allowed, ending twice is not.
-    "browse": (tasks.browse, (), 20.0, {TaskStatus.COMPLETED, TaskStatus.FAILED}),
+    # A browser killed mid-task may fail its attempts, a frozen one holds its task to the deadline:
+    # FAILED and CANCELLED are allowed; ending twice, or never, is not.
+    "browse": (tasks.browse, (), 20.0, {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
 }
 FAULTS = ["hang", "deaf", "crash", "sigkill", "raise"]
 BATCH_EVERY = 1.0  # seconds between HIGH batches of CPU tasks

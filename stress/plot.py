@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-__all__ = ("plot_timeline",)
+__all__ = ("plot_ratios", "plot_timeline")
 
 
 def plot_timeline(samples: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -37,6 +37,33 @@ def plot_timeline(samples: list[dict[str, Any]], path: Path, title: str) -> Path
     bottom.set_xlabel("seconds")
     bottom.legend(loc="upper left", fontsize="small")
     fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_ratios(ratios: dict[str, float], path: Path) -> Path | None:
+    """A bar per figure: how many times better procpool did (log scale; 1 is a tie)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not ratios:
+        return None
+    names = list(ratios)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.2))
+    colors = ["tab:green" if ratios[n] >= 1 else "tab:red" for n in names]
+    ax.barh(names, [ratios[n] for n in names], color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("procpool better by (x), log scale")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)

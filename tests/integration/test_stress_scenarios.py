@@ -1,0 +1,50 @@
+"""Every other stress scenario runs briefly, exits 0 and writes its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scenario(tmp_path: Path, name: str, *options: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "stress", name, *options]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report: dict[str, Any] = json.loads((tmp_path / "stress-out" / f"{name}.json").read_text())
+    assert report["problems"] == []
+    return report
+
+
+@pytest.mark.browser
+def test_chaos_survives_its_faults(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "chaos", "--duration", "6", "--every", "0.5", "--seed", "2")
+    assert sum(report["faults"].values()) >= 5 and report["tasks"] > 0
+
+
+def test_soak_without_browsers_sees_no_growth(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "soak", "--duration", "6", "--every", "0.5", "--no-browser")
+    assert len(report["samples"]) >= 8
+    assert (tmp_path / "stress-out" / "soak.png").exists()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_compare_measures_every_figure_and_charts_the_ratios(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "compare", "--tasks", "200", "--repeat", "2")
+    figures = report["figures"]
+    assert len(figures) == 9 and all("procpool" in f for f in figures.values())
+    assert (tmp_path / "stress-out" / "compare.png").exists()
+
+
+def test_overhead_reports_its_figures(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "overhead", "--workers", "4", "--calls", "200")
+    assert report["figures"]["idle worker USS, median (MB)"] > 0
