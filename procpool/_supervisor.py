@@ -10,6 +10,7 @@
   wake-up pipe at once (one epoll set), with a timeout equal to the next
   timer (deadline, SIGKILL escalation or respawn).
 - Tasks change state only from here (``Ledger.move``); submitters only create them.
+- Heartbeat and memory checks run on a timer here too (``_checks.HealthChecks``).
 - Leases: a result counts only for the task's current attempt, and not
   from a worker being killed once it started the attempt it is killed for,
   so no task completes twice (and none it finished before is lost).
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from ._checks import HealthChecks
 from ._errors import (
     BrokenPoolError,
     RemoteTaskError,
@@ -41,9 +43,8 @@ from ._errors import (
     WorkerLostError,
     WorkerMemoryError,
 )
-from ._health import Verdict, heartbeat_interval, judge, silent_for
+from ._health import heartbeat_interval
 from ._ledger import Ledger, rebuild_error
-from ._metrics import MB, SlotHealth, read_health
 from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._scheduling import Timers, describe_exit, should_retry
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
-_HEALTH_PERIOD_MIN = 0.05  # seconds; health checks read shared memory only, but need not spin
 
 
 @dataclass(slots=True)
@@ -89,7 +89,7 @@ class Worker:
         return bool(self.poller.poll(0))
 
 
-class Supervisor(threading.Thread):
+class Supervisor(HealthChecks, threading.Thread):
     """Owns workers, deadlines and task state; see the module docstring."""
 
     def __init__(self, executor: DistributedExecutor) -> None:
@@ -342,69 +342,6 @@ class Supervisor(threading.Thread):
                 self._check_health(now)
                 self._arm_health(now)
 
-    # -- health ----------------------------------------------------------------
-
-    def _arm_health(self, now: float) -> None:
-        cfg = self.cfg
-        periods = []
-        if cfg.heartbeat_timeout is not None:
-            periods.append(heartbeat_interval(cfg.heartbeat_timeout))
-        if cfg.memory_sample_interval is not None and (cfg.max_worker_memory_mb or cfg.memory_threshold_mb):
-            periods.append(cfg.memory_sample_interval)
-        if periods:
-            self.timers.set(("health",), now + max(min(periods), _HEALTH_PERIOD_MIN))
-
-    def _check_health(self, now: float) -> None:
-        """Act on each worker's heartbeat and memory figures."""
-        buf = self.metrics.shm.buf
-        assert buf is not None
-        mb = self.cfg.max_worker_memory_mb
-        for w in list(self.workers.values()):
-            if w.doom is not None or w.recycling:
-                continue
-            pid = w.process.pid
-            health = read_health(buf, w.slot)
-            self._warn_memory(w, health)
-            verdict = judge(
-                now, w.spawned, pid, health, heartbeat_timeout=self.cfg.heartbeat_timeout,
-                memory_limit=None if mb is None else int(mb * MB), hard=self.cfg.hard_memory_limit,
-                busy=w.lease is not None,
-            )  # fmt: skip
-            if verdict is Verdict.HUNG:
-                silent = silent_for(now, w.spawned, pid, health)
-                w.note = f"sent no heartbeat for {silent:.1f} s (stopped or wedged?)"
-                log.warning("worker %s (pid %d) %s; killing and replacing it", w.name, pid, w.note)
-                self._publish_slot(w.slot, w.name, pid, active=True, healthy=False)
-                self._doom(w, "hung", w.lease)
-            elif verdict is Verdict.OUT_OF_MEMORY:
-                w.note = _over_limit(health, mb)
-                log.warning("worker %s (pid %d) %s; killing its task", w.name, pid, w.note)
-                self._doom(w, "memory", w.lease)
-            elif verdict is Verdict.RECYCLE:
-                used = _over_limit(health, mb)
-                log.info("worker %s (pid %d) %s; replacing it after its current task", w.name, pid, used)
-                w.recycling = True
-                self._retire(w.key)
-
-    def _warn_memory(self, w: Worker, health: SlotHealth) -> None:
-        threshold = self.cfg.memory_threshold_mb
-        if threshold is None or health.memory_pid != w.process.pid:
-            return
-        over = health.uss > threshold * MB
-        if over and not w.over_threshold:
-            log.warning(
-                "worker %s (pid %d) uses %.0f MB (USS of its process tree), over memory_threshold_mb=%g",
-                w.name, w.process.pid, health.uss / MB, threshold,
-            )  # fmt: skip
-        w.over_threshold = over
-
-    def _retire(self, key: str) -> None:
-        assert self.queue is not None
-        try:
-            self.queue.retire(key)
-        except (OSError, EOFError):
-            pass  # the manager is gone; its sentinel reports that
-
     # -- task events ---------------------------------------------------------
 
     def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
@@ -594,7 +531,3 @@ class Supervisor(threading.Thread):
         w.conn.close()
         self._publish_slot(w.slot, w.name, 0, active=False)
         w.process.close()
-
-
-def _over_limit(health: SlotHealth, limit: float | None) -> str:
-    return f"uses {health.uss / MB:.0f} MB (USS of its process tree), over max_worker_memory_mb={limit}"

@@ -32,7 +32,17 @@ def _children() -> set[int]:
 
 
 def _blocks() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("procpool-*")}
+    """procpool blocks made by this process or its descendants, or whose maker is gone.
+
+    A block whose maker is another live process (a second test run on the machine) is not ours.
+    """
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    blocks = set()
+    for path in Path("/dev/shm").glob("procpool-*"):
+        creator = int(path.name.split("-")[1])
+        if creator in mine or not psutil.pid_exists(creator):
+            blocks.add(path.name)
+    return blocks
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
