@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from multiprocessing.managers import BaseProxy
 from pathlib import Path
 
@@ -122,3 +123,17 @@ def test_interpreter_exit_without_shutdown_ends_everything(tmp_path: Path) -> No
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stderr == ""
     assert not (Path("/dev/shm") / out.stdout.strip()).exists()
+
+
+def test_ctrl_c_in_a_with_block_cancels_what_is_queued() -> None:
+    start = time.monotonic()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        DistributedExecutor(max_local_workers=1, kill_grace=0.2) as executor,
+    ):
+        running = executor.submit_task(faults.hang, timeout=1.0)
+        queued = [executor.submit_task(faults.sleep_then, args=(5,)) for _ in range(5)]
+        assert wait_until(lambda: executor.get_task(running).status is TaskStatus.RUNNING, 10)
+        raise KeyboardInterrupt
+    assert time.monotonic() - start < 10  # not the 25 s the queued tasks would take
+    assert all(executor.get_task(t).status is TaskStatus.CANCELLED for t in [running, *queued])
