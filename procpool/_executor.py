@@ -73,6 +73,8 @@ class DistributedExecutor(concurrent.futures.Executor):
             (``sessions.pinned_browsers()`` starts a browser). It outlives
             the slot's workers, is measured into the slot's stats, and ends
             with the pool. A task reaches it with ``procpool.companion_info()``.
+            If the factory has a ``warm_up`` method, each worker calls it as it
+            starts (a coroutine runs on the worker's loop), e.g. to connect.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -115,6 +117,8 @@ class DistributedExecutor(concurrent.futures.Executor):
             None if initializer is None else _pickle("initializer: ", {}, initializer, initargs, None)
         )
         self._companion = _pickle_companion(companion)
+        warm_up = getattr(companion, "warm_up", None)  # the companion's own preparation in each worker
+        self._warm_up = _pickle("companion warm-up: ", {}, warm_up, (), None) if callable(warm_up) else None
         self._authkey = os.urandom(32)
         self._tasks: dict[str, Task] = {}
         self._seq = itertools.count(1)

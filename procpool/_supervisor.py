@@ -196,7 +196,7 @@ class Supervisor(HealthChecks, threading.Thread):
         spec = WorkerSpec(
             key, slot, self.manager.address, self.ex._authkey, writer,
             self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
-            heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer,
+            heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._warm_up,
         )  # fmt: skip
         process = ctx.Process(target=run_worker, args=(spec,), name=name)
         process.start()

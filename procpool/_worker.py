@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import signal
 import threading
@@ -35,6 +36,7 @@ from ._queue import STOP, TaskQueueProxy, connect_queue
 __all__ = ("Done", "Started", "WorkerSpec", "companion_info", "run_worker")
 
 IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
+log = logging.getLogger(__name__)
 _here: tuple[TaskQueueProxy, int] | None = None  # this worker's queue and slot, once serving
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -58,6 +60,7 @@ class WorkerSpec:
     parent_pid: int
     heartbeat_interval: float  # seconds between heartbeats from the worker's heartbeat thread
     initializer: bytes | None  # a payload run once before the first task
+    warm_up: bytes | None  # the companion's preparation in each worker (connect to it), best effort
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -85,6 +88,8 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     if spec.initializer is not None:
         fn, args, kwargs = load_call(spec.initializer)
         fn(*args, **kwargs)  # raising ends the worker; the supervisor restarts it with a backoff
+    if spec.warm_up is not None:
+        _warm_up(spec.warm_up)
     slot.idle()  # started: from here the manager's memory baseline counts
     # Beats go on while a task runs, so only a stopped or wedged process falls silent.
     threading.Thread(
@@ -108,6 +113,17 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         if not message[3]:
             spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1
+
+
+def _warm_up(payload: bytes) -> None:
+    """Run the companion's warm-up (a coroutine runs on this worker's loop); a failure only costs speed."""
+    try:
+        fn, args, kwargs = load_call(payload)
+        value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            _event_loop().run_until_complete(value)
+    except Exception:  # the first task that needs the companion tries again
+        log.warning("the companion warm-up failed in worker %d", os.getpid(), exc_info=True)
 
 
 def _beat(slot: SlotWriter, interval: float) -> None:

@@ -50,6 +50,10 @@ class PinnedBrowsers:
             time.sleep(0.005)
         return _Pinned(process, root if temporary else None)
 
+    async def warm_up(self) -> None:
+        """Run by procpool in each worker as it starts: connect now, not in the first task."""
+        await current_browser()
+
 
 class _Pinned:
     """A pinned browser as procpool's manager holds it (procpool's Companion protocol)."""

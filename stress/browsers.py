@@ -2,14 +2,16 @@
 
 - ``get_session`` of a warm session against a first launch (close, then get).
 - A pinned browser after its worker was SIGKILLed: the replacement worker's
-  ``current_browser()`` (a reconnect) against asking for a new browser
-  (a launch and a connect), both timed inside the task.
+  ``current_browser()`` in its first task (it connected while starting) against
+  asking for a new browser (a launch and a connect), both timed inside the task;
+  and what a bare connect to a running browser costs.
 - Memory of an idle browser: USS, PSS and summed RSS of its process tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import statistics
@@ -51,6 +53,11 @@ def session_costs(repeat: int) -> dict[str, float]:
             start = time.perf_counter()
             pool.get_session("bench")
             warm.append(time.perf_counter() - start)
+        connects = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            asyncio.run(_connect_and_leave(pool))  # a connection of a fresh loop to the running browser
+            connects.append(time.perf_counter() - start)
         time.sleep(1.0)  # let the browser settle before it is measured
         pid = pool.get_stats()["sessions"]["bench"]["pid"]
         tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -60,11 +67,17 @@ def session_costs(repeat: int) -> dict[str, float]:
         "session: first launch, median (ms)": launch,
         "session: warm get_session, median (ms)": hot,
         "session: warm is faster by (x)": launch / hot,
+        "session: connect to the running browser, median (ms)": statistics.median(connects) * 1e3,
         "idle browser: processes": float(len(memory)),
         "idle browser: USS (MB)": sum(m.uss for m in memory) / 2**20,
         "idle browser: PSS (MB)": sum(m.pss for m in memory) / 2**20,
         "idle browser: summed RSS (MB)": sum(m.rss for m in memory) / 2**20,
     }
+
+
+async def _connect_and_leave(pool: sessions.SessionPool) -> None:
+    browser = await pool.get_session_async("bench")
+    await browser.disconnect()
 
 
 async def _reconnect() -> float:
