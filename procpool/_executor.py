@@ -22,9 +22,10 @@ from typing import Any
 from ._callbacks import Callbacks
 from ._config import Config, check_positive, check_priority
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
-from ._metrics import PENDING, MetricsBlock, read_snapshot
+from ._metrics import PENDING, MetricsBlock
 from ._outbox import Outbox
 from ._payload import dump_call, dump_function
+from ._snapshot import read_snapshot
 from ._states import TERMINAL, TaskPriority, TaskStatus
 from ._supervisor import Supervisor
 from ._task import Task, TaskFuture, TaskRecord

@@ -1,4 +1,4 @@
-"""The shared-memory metrics block: layout, writers and the lock-free reader.
+"""The shared-memory metrics block: layout and writers (the reader is in ``_snapshot``).
 
 Layout, version 2 (little-endian, all offsets in bytes)::
 
@@ -34,7 +34,6 @@ A reader refuses a block whose magic or version differs.
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import struct
@@ -52,7 +51,6 @@ __all__ = (
     "SlotWriter",
     "WorkerState",
     "read_health",
-    "read_snapshot",
 )
 
 MAGIC = b"PROCPOOL"
@@ -345,118 +343,10 @@ def _consistent_copy(buf: memoryview, start: int, size: int) -> bytes:
     return data  # its writer died mid-write; the figures may be torn
 
 
-def read_snapshot(buf: memoryview) -> dict[str, Any]:
-    """Read the whole block into plain data, consistently per section, with no IPC."""
-    snap = bytes(buf)
-    _, version, slots, creator, created = _PREAMBLE.unpack_from(snap, 0)
-    header = _consistent_copy(buf, _COUNTERS_AT, _COUNTERS.size)
-    workers, active, memory = _read_workers(buf, snap, slots)
-    (_, total, pending, running, completed, failed, cancelled, retried,
-     exec_sum, exec_count, *depth) = _COUNTERS.unpack(header)  # fmt: skip
-    return {
-        "version": version,
-        "creator_pid": creator,
-        "created": created,
-        "total_tasks": total,
-        "pending_tasks": pending,
-        "running_tasks": running,
-        "completed_tasks": completed,
-        "failed_tasks": failed,
-        "cancelled_tasks": cancelled,
-        "retried_tasks": retried,
-        "avg_execution_time": exec_sum / exec_count if exec_count else 0.0,
-        "queue_depth": {"URGENT": depth[0], "HIGH": depth[1], "NORMAL": depth[2], "LOW": depth[3]},
-        "active_workers": active,
-        "total_workers": len(workers),
-        "memory_mb": memory / MB,
-        "workers": workers,
-    }
-
-
-def _read_workers(buf: memoryview, snap: bytes, slots: int) -> tuple[dict[str, dict[str, Any]], int, int]:
-    """Every used slot's view, the number of active workers and their trees' USS in bytes."""
-    # A section is consistent in ``snap`` if its counter was even there and is
-    # the same in a second copy made after; usually the copies are identical.
-    again = bytes(buf)
-    same = snap == again
-    workers: dict[str, dict[str, Any]] = {}
-    active = memory = 0
-    now = time.monotonic()
-    end = HEADER_SIZE + slots * SLOT_SIZE
-    for slot, fields in enumerate(_SLOT_PADDED.iter_unpack(snap[HEADER_SIZE:end])):
-        if fields[2] == 0:
-            continue  # never used
-        if fields[0] & 1 or fields[9] & 1 or fields[18] & 1 or not (same or _steady(snap, again, slot)):
-            fields = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
-        name, view = _worker_view(fields, now)
-        workers[name] = view
-        if fields[3]:
-            active += 1
-            memory += fields[29]  # its companion (browser), if any
-            if fields[19] == fields[4]:  # a sample of this worker process, not of an earlier one
-                memory += fields[20]
-    return workers, active, memory
-
-
-# A stopped worker's view; live ones start from a copy (cheaper than a dict literal).
-_STOPPED: dict[str, Any] = {
-    "type": "local", "active": False, "healthy": False, "state": "stopped", "current_task": None,
-    "completed": 0, "failed": 0, "load": 0.0, "pid": 0, "restarts": 0, "heartbeat_age": None,
-    "memory_mb": None, "pss_mb": None, "processes": None, "cpu_percent": None, "memory_source": None,
-    "browser": None,
-}  # fmt: skip
-
-
-def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, Any]]:
-    (_, name, kind, active, pid, born, restarts, lost, healthy,
-     _, _, state, task, _, completed, failed, busy, heartbeat,
-     _, mem_pid, uss, pss, _, procs, cpu, _, _, exact, b_pid, b_uss, b_pss, b_procs) = fields  # fmt: skip
-    view = _STOPPED.copy()
-    view["completed"] = completed
-    view["failed"] = failed + lost
-    view["load"] = min(busy / (now - born), 1.0) if now > born else 0.0  # share of its life spent busy
-    view["pid"] = pid
-    view["restarts"] = restarts
-    if kind != 1:
-        view["type"] = KIND_NAMES.get(kind, "unknown")
-    if active:
-        view["active"] = True
-        view["healthy"] = healthy == 1
-        view["state"] = WorkerState.NAMES[state]
-        if state == WorkerState.RUNNING:
-            view["current_task"] = _name(task)
-        if heartbeat:
-            view["heartbeat_age"] = now - heartbeat
-        if b_pid:  # the slot's companion outlives its workers: its figures stay good
-            view["browser"] = {
-                "pid": b_pid,
-                "memory_mb": b_uss / MB,
-                "pss_mb": b_pss / MB,
-                "processes": b_procs,
-            }
-        if mem_pid == pid:  # else the figures are those of the slot's earlier process
-            view["memory_mb"] = uss / MB
-            view["pss_mb"] = pss / MB
-            view["processes"] = procs
-            view["cpu_percent"] = cpu
-            view["memory_source"] = "uss" if exact else "rss"
-    return _name(name), view
-
-
-def _steady(snap: bytes, again: bytes, slot: int) -> bool:
-    base = HEADER_SIZE + slot * SLOT_SIZE
-    return all(snap[base + at : base + at + 8] == again[base + at : base + at + 8] for at in _SECTIONS)
-
-
 def _fresh_slot(buf: memoryview, base: int) -> tuple[Any, ...]:
-    """Copy one slot again until none of its sections is mid-write."""
+    """Copy one slot again until none of its sections is mid-write (private to this and _snapshot)."""
     for _ in range(_READ_ATTEMPTS):
         data = bytes(buf[base : base + SLOT_SIZE])
         if all(not data[at] & 1 and data[at : at + 8] == buf[base + at : base + at + 8] for at in _SECTIONS):
             break
     return _SLOT.unpack_from(data)  # after the last attempt: its writer died mid-write, may be torn
-
-
-@functools.lru_cache(maxsize=1024)
-def _name(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._metrics import NAME_PREFIX, check_layout, read_snapshot
+from ._metrics import NAME_PREFIX, check_layout
+from ._snapshot import read_snapshot
 
 __all__ = ("PoolInfo", "Watcher", "list_pools")
 

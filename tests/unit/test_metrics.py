@@ -19,8 +19,8 @@ from procpool._metrics import (
     SlotWriter,
     active_worker_pids,
     attach,
-    read_snapshot,
 )
+from procpool._snapshot import read_snapshot
 
 
 @pytest.fixture
