@@ -65,8 +65,13 @@ class Companions:
             return {slot: handle.pid for slot, handle in self._handles.items()}
 
     def stop(self) -> None:
-        """Close every companion. Never raises."""
+        """Close every companion and end the launching thread. Never raises."""
         self._requests.put(None)
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        """Close every companion (also from the manager's signal handler: takes no lock the
+        main thread could hold). Never raises."""
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
         for handle in handles:

@@ -204,9 +204,12 @@ def init_manager(
         Sampler(shm_name, sample_interval, _companions).start()
 
     def on_parent_death(signum: int, frame: Any) -> None:
+        # Once only: a second SIGTERM arriving inside this handler must not run it again
+        # (it would wait for a lock its first run holds).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         kill_worker_groups(shm_name)
         if _companions is not None:
-            _companions.stop()
+            _companions.kill_all()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_parent_death)

@@ -109,7 +109,8 @@ def test_no_browser_outlives_a_sigkilled_owner(site: PageServer) -> None:
     try:
         assert owner.stdout is not None
         browser = int(owner.stdout.readline())
-        tree = [psutil.Process(browser), *psutil.Process(browser).children(recursive=True)]
+        tree = psutil.Process(owner.pid).children(recursive=True)  # manager, workers, browsers
+        assert browser in {p.pid for p in tree}
         owner.kill()
         owner.wait(10)
     finally:
