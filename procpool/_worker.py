@@ -88,13 +88,16 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     if spec.initializer is not None:
         fn, args, kwargs = load_call(spec.initializer)
         fn(*args, **kwargs)  # raising ends the worker; the supervisor restarts it with a backoff
-    if spec.warm_up is not None:
-        _warm_up(spec.warm_up)
-    slot.idle()  # started: from here the manager's memory baseline counts
-    # Beats go on while a task runs, so only a stopped or wedged process falls silent.
+    # Beats go on while a task runs, so only a stopped or wedged process falls silent. They
+    # start after the initializer (a wedged one is caught) and before the companion's
+    # warm-up, which is bounded by its own timeouts (a frozen browser must not look like
+    # a hung worker, or its replacements would be killed in a loop).
     threading.Thread(
         target=_beat, args=(slot, spec.heartbeat_interval), name="heartbeat", daemon=True
     ).start()
+    if spec.warm_up is not None:
+        _warm_up(spec.warm_up)
+    slot.idle()  # started: from here the manager's memory baseline counts
     done = 0
     while spec.max_tasks is None or done < spec.max_tasks:
         item = queue.take(spec.key, IDLE_WAIT)
