@@ -13,38 +13,34 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
 
-import sessions
-from procpool import DistributedExecutor, TaskPriority
+from procpool import DistributedExecutor
 
-from .common import leftovers, say, table, write_report
-from .demo import KINDS, Run, check, fanout
-from .pages import PageServer
+from .common import add_run_arguments, leftovers, say, table, write_report
+from .demo import Run, browsers_for, check, fanout, signal_random, stats_problem
 
-PARTS = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
 BACKLOG = 20  # queued tasks per worker at most
+FAULTS = {  # name -> (signal, sent to a browser rather than a worker)
+    "worker SIGKILL": (signal.SIGKILL, False),
+    "worker SIGSTOP": (signal.SIGSTOP, False),
+    "browser SIGKILL": (signal.SIGKILL, True),
+    "browser SIGSTOP": (signal.SIGSTOP, True),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of chaos (default 30)")
-    parser.add_argument("--workers", type=int, default=3, help="local workers (default 3)")
+    add_run_arguments(parser, duration=30.0, workers=3, what="chaos")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between faults (default 1)")
-    parser.add_argument("--no-browser", action="store_true", help="workers only, no browsers")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.CRITICAL)  # every fault here is on purpose
     args.accounts = 2
     state = Run(args, random.Random(args.seed))
-    site = None if args.no_browser else PageServer()
-    options: dict[str, Any] = {} if site is None else {"companion": sessions.pinned_browsers()}
+    site, options = browsers_for(args)
     broken: list[str] = []
     try:
         with DistributedExecutor(
@@ -79,53 +75,25 @@ def run(args: argparse.Namespace) -> int:
 def storm(ex: DistributedExecutor, state: Run) -> list[str]:
     """Keep tasks flowing and inject a fault every ``--every`` seconds; returns broken invariants."""
     args, rng = state.args, state.rng
-    faults = _faults(bool(state.site))
+    faults = sorted(name for name, (_, browser) in FAULTS.items() if state.site or not browser)
     end = time.monotonic() + args.duration
     next_fault = next_fanout = time.monotonic() + 1.0
     broken: list[str] = []
     while (now := time.monotonic()) < end:
         stats = ex.get_stats()
-        if stats["total_tasks"] != sum(stats[p] for p in PARTS) or stats["total_tasks"] != len(state.kinds):
-            broken.append(f"stats did not add up at {now - end + args.duration:.1f} s: {stats}")
+        unbalanced = stats_problem(stats, len(state.kinds))
+        if unbalanced:
+            broken.append(f"at {now - end + args.duration:.1f} s: {unbalanced}")
         if stats["pending_tasks"] < BACKLOG * args.workers:
-            priority = rng.choice(list(TaskPriority))
-            fn, fn_args, timeout, _ = KINDS["cpu"]
-            state.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], "cpu", priority)
+            state.submit(ex, "cpu")
         else:
             time.sleep(0.005)
         if state.site and now >= next_fanout:
             fanout(ex, state)
             next_fanout = now + 2.0
         if now >= next_fault:
-            name = rng.choice(sorted(faults))
-            state.chaos[name] += faults[name](stats, rng)
+            name = rng.choice(faults)
+            signum, browser = FAULTS[name]
+            state.chaos[name] += signal_random(stats, rng, signum, browser)
             next_fault = now + args.every
     return broken[:10]
-
-
-def _faults(browsers: bool) -> dict[str, Callable[[dict[str, Any], random.Random], int]]:
-    def pick(stats: dict[str, Any], rng: random.Random, browser: bool) -> int | None:
-        views = [w for w in stats["workers"].values() if w["active"] and w["pid"] > 0]
-        pids = [w["browser"]["pid"] for w in views if w["browser"]] if browser else [w["pid"] for w in views]
-        return rng.choice(pids) if pids else None
-
-    def send(signum: int, browser: bool) -> Callable[[dict[str, Any], random.Random], int]:
-        def inject(stats: dict[str, Any], rng: random.Random) -> int:
-            pid = pick(stats, rng, browser)
-            if pid is None:
-                return 0
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                return 0
-            return 1
-
-        return inject
-
-    faults = {"worker SIGKILL": send(signal.SIGKILL, False), "worker SIGSTOP": send(signal.SIGSTOP, False)}
-    if browsers:
-        faults |= {
-            "browser SIGKILL": send(signal.SIGKILL, True),
-            "browser SIGSTOP": send(signal.SIGSTOP, True),
-        }
-    return faults

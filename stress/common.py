@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -14,6 +15,16 @@ from typing import Any
 import psutil
 
 OUT = Path("stress-out")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, duration: float, workers: int, what: str) -> None:
+    """The options every scenario with a pool has."""
+    parser.add_argument(
+        "--duration", type=float, default=duration, help=f"seconds of {what} (default {duration:g})"
+    )
+    parser.add_argument("--workers", type=int, default=workers, help=f"local workers (default {workers})")
+    parser.add_argument("--no-browser", action="store_true", help="no browsers: workers only")
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -36,7 +36,7 @@ from procpool import (
 )
 
 from . import tasks
-from .common import OUT, is_tty, leftovers, percentile, say, table, write_report
+from .common import OUT, add_run_arguments, is_tty, leftovers, percentile, say, table, write_report
 from .pages import PageServer
 from .plot import plot_timeline
 
@@ -60,16 +60,14 @@ BROWSER_KILL_EVERY = 10.0  # seconds between SIGKILLs of a random pinned browser
 SESSION_EVERY = 2.0  # seconds between uses of the in-process session pool
 SAMPLE_EVERY = 0.5  # seconds between timeline samples
 BACKLOG = 40  # tasks per worker kept queued at most, so latency stays meaningful
+PARTS = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=45.0, help="seconds of submitting (default 45)")
-    parser.add_argument("--workers", type=int, default=4, help="local workers (default 4)")
+    add_run_arguments(parser, duration=45.0, workers=4, what="submitting")
     parser.add_argument("--accounts", type=int, default=4, help="accounts in each browser fan-out")
     parser.add_argument("--fault-rate", type=float, default=0.05, help="share of tasks that misbehave")
     parser.add_argument("--no-chaos", action="store_true", help="do not SIGKILL workers or browsers")
-    parser.add_argument("--no-browser", action="store_true", help="no browsers: CPU tasks and faults only")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
 
 
 @dataclass
@@ -93,6 +91,12 @@ class Run:
             self.terminal[record.task_id] += 1
             self.done[record.priority.name] += 1
 
+    def submit(self, ex: DistributedExecutor, kind: str) -> None:
+        """One task of ``kind`` at a random priority."""
+        fn, fn_args, timeout, _ = KINDS[kind]
+        priority = self.rng.choice(list(TaskPriority))
+        self.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], kind, priority)
+
     def add(self, ids: list[str], kind: str, priority: TaskPriority) -> None:
         for task_id in ids:
             self.kinds[task_id] = kind
@@ -102,9 +106,8 @@ class Run:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     state = Run(args, random.Random(args.seed))
-    site = None if args.no_browser else PageServer()
+    site, options = browsers_for(args)
     pool = None if site is None else sessions.SessionPool(max_sessions=2)
-    options: dict[str, Any] = {} if site is None else {"companion": sessions.pinned_browsers()}
     started = time.monotonic()
     try:
         with DistributedExecutor(
@@ -154,6 +157,13 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def browsers_for(args: argparse.Namespace) -> tuple[PageServer | None, dict[str, Any]]:
+    """The page server and the executor options for pinned browsers; nothing with --no-browser."""
+    if args.no_browser:
+        return None, {}
+    return PageServer(), {"companion": sessions.pinned_browsers()}
+
+
 def drive(ex: DistributedExecutor, state: Run) -> None:
     """Submit the workload until the duration is over, injecting faults from outside."""
     args, rng = state.args, state.rng
@@ -164,10 +174,7 @@ def drive(ex: DistributedExecutor, state: Run) -> None:
     while (now := time.monotonic()) < end:
         stats = ex.get_stats()
         if stats["pending_tasks"] < BACKLOG * args.workers:
-            kind = rng.choice(FAULTS) if rng.random() < args.fault_rate else "cpu"
-            fn, fn_args, timeout, _ = KINDS[kind]
-            priority = rng.choice(list(TaskPriority))
-            state.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], kind, priority)
+            state.submit(ex, rng.choice(FAULTS) if rng.random() < args.fault_rate else "cpu")
         else:
             time.sleep(0.002)
         if now >= due["batch"]:
@@ -178,10 +185,10 @@ def drive(ex: DistributedExecutor, state: Run) -> None:
             fanout(ex, state)
             due["fanout"] = now + FANOUT_EVERY
         if not args.no_chaos and now >= due["chaos"]:
-            state.chaos["workers killed"] += kill_random_worker(stats, rng)
+            state.chaos["workers killed"] += signal_random(stats, rng, signal.SIGKILL)
             due["chaos"] = now + CHAOS_EVERY
         if state.site and not args.no_chaos and now >= due["browser"] and now > begin + 5:
-            state.chaos["browsers killed"] += kill_random_browser(stats, rng)
+            state.chaos["browsers killed"] += signal_random(stats, rng, signal.SIGKILL, browser=True)
             due["browser"] = now + BROWSER_KILL_EVERY
         if now >= due["sample"]:
             sample(ex, state, begin, stats)
@@ -236,23 +243,14 @@ def sample(ex: DistributedExecutor, state: Run, begin: float, stats: dict[str, A
     )  # fmt: skip
 
 
-def kill_random_worker(stats: dict[str, Any], rng: random.Random) -> int:
-    pids = [w["pid"] for w in stats["workers"].values() if w["active"] and w["pid"] > 0]
+def signal_random(stats: dict[str, Any], rng: random.Random, signum: int, browser: bool = False) -> int:
+    """Send ``signum`` to a random live worker (or its pinned browser); 1 if one got it."""
+    views = [w for w in stats["workers"].values() if w["active"] and w["pid"] > 0]
+    pids = [w["browser"]["pid"] for w in views if w["browser"]] if browser else [w["pid"] for w in views]
     if not pids:
         return 0
     try:
-        os.kill(rng.choice(pids), signal.SIGKILL)
-    except ProcessLookupError:
-        return 0
-    return 1
-
-
-def kill_random_browser(stats: dict[str, Any], rng: random.Random) -> int:
-    pids = [w["browser"]["pid"] for w in stats["workers"].values() if w["active"] and w["browser"]]
-    if not pids:
-        return 0
-    try:
-        os.kill(rng.choice(pids), signal.SIGKILL)
+        os.kill(rng.choice(pids), signum)
     except ProcessLookupError:
         return 0
     return 1
@@ -323,12 +321,15 @@ def check(
             problems.append(f"{task_id} returned a wrong result")
         if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
             problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
-        if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
-            problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
-    parts = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
-    if stats["total_tasks"] != len(kinds) or stats["total_tasks"] != sum(stats[p] for p in parts):
-        problems.append(f"stats do not add up: {[(p, stats[p]) for p in ('total_tasks', *parts)]}")
-    return problems
+    unbalanced = stats_problem(stats, len(kinds))
+    return problems + ([unbalanced] if unbalanced else [])
+
+
+def stats_problem(stats: dict[str, Any], submitted: int) -> str | None:
+    """Invariant 4: total = submitted = pending + running + completed + failed + cancelled."""
+    if stats["total_tasks"] == submitted == sum(stats[p] for p in PARTS):
+        return None
+    return f"stats do not add up ({submitted} submitted): {[(p, stats[p]) for p in ('total_tasks', *PARTS)]}"
 
 
 def summarise(

@@ -14,16 +14,14 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-import sessions
-from procpool import DistributedExecutor, TaskPriority
+from procpool import DistributedExecutor
 
-from .common import OUT, leftovers, say, table, write_report
-from .demo import KINDS, Run, fanout
-from .pages import PageServer
+from .common import OUT, add_run_arguments, leftovers, say, table, write_report
+from .demo import Run, browsers_for, fanout
+from .plot import plot_soak
 
 RATE = 200  # CPU tasks submitted per second: steady, well below what the pool can take
 WARM_UP = 0.3  # share of the samples, at the start, that the verdict ignores
@@ -31,20 +29,16 @@ _MB = 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=120.0, help="seconds of steady load (default 120)")
-    parser.add_argument("--workers", type=int, default=3, help="local workers (default 3)")
+    add_run_arguments(parser, duration=120.0, workers=3, what="steady load")
     parser.add_argument("--every", type=float, default=2.0, help="seconds between samples (default 2)")
     parser.add_argument("--max-growth", type=float, default=0.25, help="allowed memory growth (default 25%%)")
-    parser.add_argument("--no-browser", action="store_true", help="workers only, no browsers")
-    parser.add_argument("--seed", type=int, default=None, help="random seed")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)
     args.accounts = 2
     state = Run(args, random.Random(args.seed))
-    site = None if args.no_browser else PageServer()
-    options: dict[str, Any] = {} if site is None else {"companion": sessions.pinned_browsers()}
+    site, options = browsers_for(args)
     samples: list[dict[str, float]] = []
     try:
         with DistributedExecutor(
@@ -58,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if site is not None:
             site.close()
     problems = verdict(samples, args.max_growth) + [f"left behind: {item}" for item in leftovers()]
-    image = _plot(samples, OUT / "soak.png")
+    image = plot_soak(samples, OUT / "soak.png")
     say(f"\n{len(state.kinds)} tasks, {len(samples)} samples" + (f", plot: {image}" if image else ""))
     say(f"report: {write_report('soak', {'samples': samples, 'problems': problems})}")
     for problem in problems:
@@ -77,9 +71,7 @@ def steady(
     submitted = 0
     while (now := time.monotonic()) < end:
         if submitted < (now - begin) * RATE:
-            fn, fn_args, timeout, _ = KINDS["cpu"]
-            priority = state.rng.choice(list(TaskPriority))
-            state.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], "cpu", priority)
+            state.submit(ex, "cpu")
             submitted += 1
         else:
             time.sleep(0.002)
@@ -134,31 +126,3 @@ def verdict(samples: list[dict[str, float]], max_growth: float) -> list[str]:
             problems.append(f"{key} grew from {before:.0f} to {after:.0f}")
     say("\n" + table(["figure", "first third", "last third", "growth"], rows))
     return problems
-
-
-def _plot(samples: list[dict[str, float]], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if len(samples) < 2:
-        return None
-    t = [s["t"] for s in samples]
-    fig, (mem, fds) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    for key, label in (("manager_mb", "manager"), ("workers_mb", "workers"), ("browsers_mb", "browsers")):
-        mem.plot(t, [s[key] for s in samples], label=f"{label} (USS)")
-    mem.set_ylabel("MB")
-    mem.legend(loc="upper left", fontsize="small")
-    fds.plot(t, [s["fds"] for s in samples], label="open fds")
-    fds.plot(t, [s["shm"] for s in samples], label="/dev/shm entries")
-    fds.set_xlabel("seconds")
-    fds.legend(loc="upper left", fontsize="small")
-    fig.suptitle("python -m stress soak")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
