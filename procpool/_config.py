@@ -31,6 +31,7 @@ class Config:
     kill_grace: float
     start_method: str
     enable_remote: bool
+    max_remote_workers: int  # remote slots the pool can hold (0 unless enable_remote)
     heartbeat_timeout: float | None  # seconds without a heartbeat before a worker counts as hung
     memory_sample_interval: float | None  # seconds between samples of each worker's tree
     max_worker_memory_mb: float | None  # recycle a worker whose tree's USS passes this
@@ -46,6 +47,7 @@ class Config:
         """Check every setting; raise ValueError or TypeError naming the bad one."""
         _check_int("max_local_workers", values["max_local_workers"], minimum=1)
         _check_int("max_retries", values["max_retries"], minimum=0)
+        _check_int("max_remote_workers", values["max_remote_workers"], minimum=0)
         if values["max_tasks_per_worker"] is not None:
             _check_int("max_tasks_per_worker", values["max_tasks_per_worker"], minimum=1)
         method = values["start_method"] or default_start_method()
@@ -65,6 +67,7 @@ class Config:
             kill_grace=check_positive("kill_grace", values["kill_grace"]),
             start_method=method,
             enable_remote=bool(values["enable_remote"]),
+            max_remote_workers=values["max_remote_workers"] if values["enable_remote"] else 0,
             heartbeat_timeout=_optional_positive(values, "heartbeat_timeout"),
             memory_sample_interval=interval,
             max_worker_memory_mb=memory,

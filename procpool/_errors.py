@@ -7,6 +7,11 @@
     │   │                                    or stopped sending heartbeats and was killed
     │   └── WorkerMemoryError (MemoryError)  the task's worker passed the hard memory limit
     ├── RemoteTaskError                      the task raised an exception that could not travel back
+    ├── RemoteWorkerError                    a remote host cannot serve as a worker
+    │   ├── RemoteConnectError (ConnectionError)  it cannot be reached, or its agent did not start
+    │   ├── RemoteAuthError (PermissionError)     the credentials were refused
+    │   ├── RemoteHostKeyError                    its host key is unknown or has changed
+    │   └── RemoteVersionError                    its Python, procpool or cloudpickle differs
     ├── ExecutorShutdownError (RuntimeError) a call was made after shutdown()
     └── BrokenPoolError (BrokenExecutor)     the manager process died: the pool cannot go on
 
@@ -22,8 +27,13 @@ __all__ = (
     "BrokenPoolError",
     "ExecutorShutdownError",
     "ProcpoolError",
+    "RemoteAuthError",
+    "RemoteConnectError",
+    "RemoteHostKeyError",
     "RemoteTaskError",
     "RemoteTraceback",
+    "RemoteVersionError",
+    "RemoteWorkerError",
     "TaskCancelledError",
     "TaskTimeoutError",
     "WorkerLostError",
@@ -76,6 +86,26 @@ class RemoteTaskError(ProcpoolError):
 
     def __reduce__(self) -> tuple[type[RemoteTaskError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class RemoteWorkerError(ProcpoolError):
+    """A remote host cannot serve as a worker. Messages never hold credentials."""
+
+
+class RemoteConnectError(RemoteWorkerError, ConnectionError):
+    """The host cannot be reached over SSH, or the agent did not start there."""
+
+
+class RemoteAuthError(RemoteWorkerError, PermissionError):
+    """The SSH server refused the credentials."""
+
+
+class RemoteHostKeyError(RemoteWorkerError):
+    """The host's key is not in known_hosts, or differs from the one there."""
+
+
+class RemoteVersionError(RemoteWorkerError):
+    """The remote Python, procpool or cloudpickle differs from the local one."""
 
 
 class RemoteTraceback(Exception):

@@ -76,6 +76,9 @@ class DistributedExecutor(concurrent.futures.Executor):
             with the pool. A task reaches it with ``procpool.companion_info()``.
             If the factory has a ``warm_up`` method, each worker calls it as it
             starts (a coroutine runs on the worker's loop), e.g. to connect.
+            Local workers only.
+        max_remote_workers: remote worker slots the pool can hold, over all
+            hosts (with ``enable_remote``).
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -99,6 +102,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         initializer: Callable[..., object] | None = None,
         initargs: Sequence[object] = (),
         companion: Callable[[int], object] | None = None,
+        max_remote_workers: int = 16,
     ) -> None:
         self._config = Config.build(
             max_local_workers=max_local_workers,
@@ -113,6 +117,7 @@ class DistributedExecutor(concurrent.futures.Executor):
             max_worker_memory_mb=max_worker_memory_mb,
             hard_memory_limit=hard_memory_limit,
             memory_threshold_mb=memory_threshold_mb,
+            max_remote_workers=max_remote_workers,
         )
         self._initializer = (
             None if initializer is None else _pickle("initializer: ", {}, initializer, initargs, None)
@@ -128,7 +133,7 @@ class DistributedExecutor(concurrent.futures.Executor):
         self._final_stats: dict[str, Any] | None = None
         self._finish_lock = threading.Lock()
         self._callbacks = Callbacks()
-        self._metrics = MetricsBlock(self._config.max_local_workers)
+        self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
         self._supervisor = Supervisor(self)
         self._supervisor.start()
         if not self._supervisor.ready.wait(_START_TIMEOUT) or self._supervisor.start_error:
@@ -358,7 +363,91 @@ class DistributedExecutor(concurrent.futures.Executor):
         assert buf is not None
         stats = read_snapshot(buf)
         stats["metrics_block"] = self._metrics.name
+        hosts = self._supervisor.host_names
+        if hosts:
+            for name, view in stats["workers"].items():
+                if name in hosts:
+                    view["host"] = hosts[name]
         return stats
+
+    # -- remote workers ----------------------------------------------------------
+
+    def add_remote_worker(
+        self,
+        host: str,
+        port: int = 22,
+        worker_type: str = "remote_ssh",
+        credentials: dict[str, str] | None = None,
+        *,
+        slots: int = 1,
+        python: str = "python3",
+        connect_timeout: float = 10.0,
+        heartbeat_timeout: float = 10.0,
+        known_hosts: str | None = None,
+        accept_unknown_host: bool = False,
+        ship_package: bool = False,
+        reconnect_max: float = 30.0,
+    ) -> list[str]:
+        """Add a host reached over SSH; tasks then spread over local and remote workers.
+
+        Each slot is one SSH connection to an agent (``python -m
+        procpool._remote.agent``) that runs tasks one at a time, each attempt
+        killed at its deadline on the host itself. The host is checked first:
+        its key, the login, and the remote Python, procpool and cloudpickle
+        versions, which must match these. A lost connection is noticed within
+        ``heartbeat_timeout``; its task is retried elsewhere, and the slot
+        reconnects with a backoff. Needs ``pip install 'procpool[remote]'``.
+
+        Args:
+            host, port: where sshd listens.
+            worker_type: "remote_ssh", the only kind.
+            credentials: ``username``, with ``key`` (a private key file, and
+                its ``passphrase``) or ``password``; with neither, the SSH agent
+                and default keys are tried. Never logged or shown.
+            slots: tasks the host runs at once.
+            python: the remote interpreter.
+            connect_timeout: seconds for each step of connecting.
+            heartbeat_timeout: seconds of silence before the connection counts as lost.
+            known_hosts: file of trusted host keys (default ``~/.ssh/known_hosts``).
+            accept_unknown_host: trust a host whose key is unknown (logged); a
+                changed key is refused regardless.
+            ship_package: copy this procpool (with cloudpickle and psutil) into
+                a virtual environment on the host, kept under ~/.cache/procpool.
+            reconnect_max: seconds; the cap of the backoff between reconnection attempts.
+
+        Returns:
+            The names of the host's workers in ``get_stats()["workers"]``.
+
+        Raises:
+            RuntimeError: the executor was made without ``enable_remote=True``.
+            ValueError, TypeError: a bad setting, or the host was already added.
+            RemoteHostKeyError, RemoteAuthError, RemoteConnectError,
+            RemoteVersionError: the host cannot be used (the message says why).
+        """
+        from ._remote import add_host
+
+        if self._closed is not None:
+            raise self._closed
+        return add_host(
+            self._supervisor, self._config.enable_remote, host, port, worker_type=worker_type,
+            credentials={} if credentials is None else credentials, slots=slots, python=python,
+            connect_timeout=connect_timeout, heartbeat_timeout=heartbeat_timeout,
+            known_hosts=known_hosts, accept_unknown_host=accept_unknown_host,
+            ship_package=ship_package, reconnect_max=reconnect_max,
+        )  # fmt: skip
+
+    def remove_remote_worker(self, host: str, port: int = 22, timeout: float | None = None) -> None:
+        """Drain a host: its workers finish their current tasks, take no more, and disconnect.
+
+        Raises:
+            ValueError: no such host. TimeoutError: not drained within ``timeout``
+            seconds (it goes on draining).
+        """
+        from ._remote import remove_host
+
+        if self._closed is not None:
+            raise self._closed
+        remove_host(self._supervisor, host, port, timeout)
 
     @property
     def metrics_block(self) -> str:

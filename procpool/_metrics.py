@@ -256,7 +256,7 @@ def read_health(buf: memoryview, slot: int) -> SlotHealth:
 
 
 class MemoryWriter:
-    """The manager's writer of every slot's memory section."""
+    """The writer of slots' memory sections: the manager's sampler for local slots, a link for its own."""
 
     def __init__(self, shm_name: str) -> None:
         self._shm = attach(shm_name)
@@ -269,11 +269,14 @@ class MemoryWriter:
         ]
 
     def targets(self) -> list[tuple[int, int, bool]]:
-        """(slot, pid, started) for each active slot; started once the worker wrote its section."""
+        """(slot, pid, started) for each active local slot; started once the worker wrote its section.
+
+        A remote slot's figures come from its host, written by its link process.
+        """
         out = []
         for slot in range(self.slots):
             f = _fresh_slot(self._buf, HEADER_SIZE + slot * SLOT_SIZE)
-            if f[3] and f[4] > 0:
+            if f[2] == 1 and f[3] and f[4] > 0:
                 out.append((slot, f[4], f[10] == f[4] and f[11] != WorkerState.STARTING))
         return out
 

@@ -93,7 +93,7 @@ _STOPPED: dict[str, Any] = {
 
 def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, Any]]:
     (_, name, kind, active, pid, born, restarts, lost, healthy,
-     _, _, state, task, _, completed, failed, busy, heartbeat,
+     _, own_pid, state, task, _, completed, failed, busy, heartbeat,
      _, mem_pid, uss, pss, _, procs, cpu, _, _, exact, b_pid, b_uss, b_pss, b_procs) = fields  # fmt: skip
     view = _STOPPED.copy()
     view["completed"] = completed
@@ -106,6 +106,8 @@ def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, An
     if active:
         view["active"] = True
         view["healthy"] = healthy == 1
+        if own_pid != pid:  # the slot's new process has not written yet: the state is its forerunner's
+            state = WorkerState.STARTING
         view["state"] = WorkerState.NAMES[state]
         if state == WorkerState.RUNNING:
             view["current_task"] = _name(task)

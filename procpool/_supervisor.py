@@ -47,6 +47,9 @@ from ._health import heartbeat_interval
 from ._ledger import Ledger, rebuild_error
 from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
+from ._remote.hosts import RemoteHost
+from ._remote.link import describe_link_exit
+from ._remote.slots import DEADLINE_MARGIN, RemoteSlots, backoff
 from ._scheduling import Timers, describe_exit, should_retry
 from ._states import TERMINAL, TaskStatus
 from ._task import Task
@@ -84,12 +87,13 @@ class Worker:
     over_threshold: bool = False  # above memory_threshold_mb at the last check (warned once)
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
+    host: RemoteHost | None = None  # for a remote slot's link process: its host
 
     def readable(self) -> bool:
         return bool(self.poller.poll(0))
 
 
-class Supervisor(HealthChecks, threading.Thread):
+class Supervisor(HealthChecks, RemoteSlots, threading.Thread):
     """Owns workers, deadlines and task state; see the module docstring."""
 
     def __init__(self, executor: DistributedExecutor) -> None:
@@ -110,8 +114,10 @@ class Supervisor(HealthChecks, threading.Thread):
         self._ended = False
         self._closing = False
         self._broken: BrokenPoolError | None = None
-        self._crashes = [0] * self.cfg.max_local_workers  # early deaths in a row, per slot
-        self._restarts = [0] * self.cfg.max_local_workers
+        slots = self.cfg.max_local_workers + self.cfg.max_remote_workers
+        self._crashes = [0] * slots  # early deaths in a row, per slot
+        self._restarts = [0] * slots
+        self._init_remote()
         self._generation = itertools.count()
         self.ledger = Ledger(self.metrics, executor._callbacks)
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
@@ -191,14 +197,18 @@ class Supervisor(HealthChecks, threading.Thread):
         assert self.manager is not None
         ctx = self.cfg.context
         reader, writer = ctx.Pipe(duplex=True)
-        name = f"local-worker-{slot}"
+        host = self.hosts.get(slot)
+        name = f"local-worker-{slot}" if host is None else self.remote_name(slot)
         key = f"{name}.{next(self._generation)}"
-        spec = WorkerSpec(
-            key, slot, self.manager.address, self.ex._authkey, writer,
-            self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
-            heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._warm_up,
-        )  # fmt: skip
-        process = ctx.Process(target=run_worker, args=(spec,), name=name)
+        if host is None:
+            spec = WorkerSpec(
+                key, slot, self.manager.address, self.ex._authkey, writer,
+                self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
+                heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._warm_up,
+            )  # fmt: skip
+            process = ctx.Process(target=run_worker, args=(spec,), name=name)
+        else:
+            process = self._link_process(slot, host, key, writer)
         process.start()
         writer.close()
         try:
@@ -206,7 +216,7 @@ class Supervisor(HealthChecks, threading.Thread):
         except OSError:
             pass  # it already did (or exec'd, under spawn)
         w = self.workers[slot] = Worker(
-            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic()
+            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic(), host=host
         )
         w.poller.register(reader.fileno(), select.POLLIN)
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
@@ -220,7 +230,8 @@ class Supervisor(HealthChecks, threading.Thread):
         old = section.read_own()
         created = old[4] or time.monotonic()
         restarts = self._restarts[slot]
-        section.write(name.encode(), 1, int(active), pid, created, restarts, old[6] + lost, int(healthy))
+        kind = 1 if slot < self.cfg.max_local_workers else 2  # local, remote_ssh (KIND_NAMES)
+        section.write(name.encode(), kind, int(active), pid, created, restarts, old[6] + lost, int(healthy))
 
     def _forget(self, w: Worker) -> None:
         del self.workers[w.slot]
@@ -233,8 +244,10 @@ class Supervisor(HealthChecks, threading.Thread):
                 message = w.conn.recv()
                 if message[0] == "started":
                     self._on_started(w, message[1], message[2])
-                else:
+                elif message[0] == "done":
                     self._on_done(w, message)
+                else:  # "timedout" or "lost", from a remote slot's link
+                    self._on_remote_end(w, message)
         except (EOFError, OSError):
             pass  # the worker is gone; its sentinel tells the rest
 
@@ -250,15 +263,20 @@ class Supervisor(HealthChecks, threading.Thread):
         w.conn.close()
         w.process.close()
         self._publish_slot(w.slot, w.name, 0, active=False, lost=lost)
+        if self._removing(w.slot):
+            self._drop_slot(w.slot)
+            return
         if self._closing and self._idle():
             return
         early = not w.ran_any and exitcode != 0 and w.doom is None
         self._crashes[w.slot] = self._crashes[w.slot] + 1 if early else 0
         self._restarts[w.slot] += 1
         delay = min(0.05 * 2 ** self._crashes[w.slot], _RESPAWN_BACKOFF_MAX) if early else 0.0
+        if early and w.host is not None:
+            delay = backoff(self._crashes[w.slot], w.host.reconnect_max)
         if delay:
             log.warning(
-                "worker %s %s at start-up; restarting in %.2f s", w.name, describe_exit(exitcode), delay
+                "worker %s %s at start-up; restarting in %.2f s", w.name, self._describe(w, exitcode), delay
             )
             self.timers.set(("respawn", w.slot), time.monotonic() + delay)
         else:
@@ -281,11 +299,15 @@ class Supervisor(HealthChecks, threading.Thread):
             return 0  # it finished before the worker ended
         retries = self.cfg.max_retries + 1
         error = WorkerLostError(
-            f"worker {w.name} (pid {w.process.pid}) {describe_exit(exitcode)} while running "
+            f"worker {w.name} (pid {w.process.pid}) {self._describe(w, exitcode)} while running "
             f"task {task.task_id} (attempt {task.attempt} of {retries})"
         )
         self._fail_attempt(task, w.name, error, retryable=True)
         return 1
+
+    def _describe(self, w: Worker, exitcode: int | None) -> str:
+        said = None if w.host is None else describe_link_exit(exitcode, w.host)
+        return said or describe_exit(exitcode)
 
     def _release(self, name: str) -> tuple[str, int] | None:
         assert self.queue is not None
@@ -337,7 +359,9 @@ class Supervisor(HealthChecks, threading.Thread):
                     )  # fmt: skip
                     signal_group(w.process.pid, signal.SIGKILL, w.strays)
             elif kind == "respawn" and not (self._closing and self._idle()):
-                self._spawn(key[1])  # type: ignore[index]
+                slot = key[1]  # type: ignore[index]
+                if slot < self.cfg.max_local_workers or slot in self.hosts:  # not removed meanwhile
+                    self._spawn(slot)
             elif kind == "health":
                 self._check_health(now)
                 self._arm_health(now)
@@ -345,16 +369,25 @@ class Supervisor(HealthChecks, threading.Thread):
     # -- task events ---------------------------------------------------------
 
     def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
+        task = self._start(w, task_id, attempt)
+        if w.host is not None:
+            self._answer_started(w, task)
+
+    def _start(self, w: Worker, task_id: str, attempt: int) -> Task | None:
+        """Mark a task running on ``w``; returns it, or None if that attempt no longer counts."""
         w.lease = (task_id, attempt)
         w.ran_any = True
         if w.lease == w.doomed:
             w.fenced = True
         task = self.ex._tasks.get(task_id)
         if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
-            return
+            return None
         task.worker = w.name
         self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
-        self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout)
+        # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
+        margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
+        self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout + margin)
+        return task
 
     def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
         self._settle_done(w, message)
@@ -516,6 +549,7 @@ class Supervisor(HealthChecks, threading.Thread):
                 self.manager.shutdown()
             except Exception:  # noqa: BLE001 - it may be dead already
                 pass
+        self._end_remote()
         with self._wake_lock:
             self._ended = True
             os.close(self._wake_r)

@@ -167,6 +167,10 @@ def hold_memory(mb: int, then_sleep: float = 0.0) -> int:
     return os.getpid()
 
 
+def interpreter() -> str:
+    return sys.executable
+
+
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()

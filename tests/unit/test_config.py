@@ -11,7 +11,7 @@ GOOD: dict[str, Any] = dict(
     max_local_workers=2, task_timeout=5, enable_remote=False, max_retries=1,
     max_tasks_per_worker=None, kill_grace=0.5, start_method=None, heartbeat_timeout=30.0,
     memory_sample_interval=2.0, max_worker_memory_mb=None, hard_memory_limit=False,
-    memory_threshold_mb=None,
+    memory_threshold_mb=None, max_remote_workers=16,
 )  # fmt: skip
 
 
@@ -31,6 +31,7 @@ GOOD: dict[str, Any] = dict(
         ("memory_sample_interval", -2, ValueError),
         ("max_worker_memory_mb", "lots", TypeError),
         ("memory_threshold_mb", float("inf"), ValueError),
+        ("max_remote_workers", -1, ValueError),
     ],
 )
 def test_bad_settings_fail_with_the_setting_named(name: str, value: object, error: type[Exception]) -> None:

@@ -1,0 +1,253 @@
+"""The remote end of a remote worker, started over SSH: ``python -m procpool._remote.agent``.
+
+    link (local) ══ frames on stdin / stdout (the SSH channel) ══▶ agent ── pipe ──▶ worker child
+                                                                    │     (its own process group;
+                                                                    │      one task at a time)
+                                                                    └─ deadlines, kill ladder,
+                                                                       deaths, beats with memory
+
+- The agent holds at most the one task its link sent. It enforces that
+  task's deadline here: SIGTERM to the child's group, SIGKILL after the
+  grace, then "timedout". A child that dies mid-task is reported "lost". A
+  new child replaces either. The child runs tasks with the local worker's
+  ``run_task``, so results and errors come back exactly as locally.
+- It beats every interval, with the memory of its whole tree, and exits,
+  killing the child's group, when the link falls silent, the channel ends or
+  its parent (sshd) dies: no remote work outlives its connection.
+- stdout carries frames only; anything a task prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import selectors
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .._memory import TreeSampler
+from .._payload import load_call
+from .._process import escapees, set_parent_death_signal, signal_group
+from .._scheduling import describe_exit
+from .._worker import run_task
+from .frames import FrameReader, encode
+
+__all__ = ("main",)
+
+_BROKEN_EXIT = 3  # the worker child could not start (its initializer failed)
+
+
+class Agent:
+    """Runs on the remote host; the one owner of its worker child."""
+
+    def __init__(self, inp: int, out: int, hello: tuple[Any, ...]) -> None:
+        self.beat_every: float = hello[1]
+        self.silence: float = hello[2]  # seconds without a frame from the link before giving up
+        self.grace: float = hello[3]
+        self.sample_every: float = hello[4]
+        self.initializer: bytes | None = hello[5]
+        self.inp, self.out = inp, out
+        self.reader = FrameReader()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(inp, selectors.EVENT_READ, "link")
+        self.child: Any = None  # multiprocessing.Process
+        self.conn: Connection | None = None
+        self.strays: list[Any] = []  # descendants of the child outside its group, at the deadline
+        self.task: tuple[str, int, float] | None = None  # task id, attempt, started (monotonic)
+        self.deadline: float | None = None  # None while a task runs: it was killed for its deadline
+        self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+        self.escalated = False
+        self.heard = self.next_beat = self.next_sample = time.monotonic()
+        self.sampler = TreeSampler()
+        self.memory: tuple[int, int, int, int, float, bool] | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = memoryview(encode(message))
+        while data:
+            data = data[os.write(self.out, data) :]
+
+    def serve(self) -> None:
+        """Run until the link says stop, falls silent or goes away."""
+        self.start_child()
+        self.send(("ready", os.getpid()))
+        if not self.handle(self.reader.drain()):
+            return
+        while True:
+            now = time.monotonic()
+            if now - self.heard > self.silence:
+                return  # the link (or the network to it) is gone
+            events = self.selector.select(max(0.0, self.next_due() - now))
+            # A child's exit last: its replacement may reuse the fds of this round's other events.
+            for key, _ in sorted(events, key=lambda event: event[0].data == "exit"):
+                if key.data == "link":
+                    if not self.on_link():
+                        return
+                elif key.data == "result":
+                    self.on_result()
+                else:
+                    self.on_child_exit()
+            self.fire_timers(time.monotonic())
+
+    def next_due(self) -> float:
+        due: list[float] = [self.next_beat, self.heard + self.silence]
+        due += [t for t in (self.deadline, self.kill_at) if t is not None]
+        return min(due)
+
+    def on_link(self) -> bool:
+        data = os.read(self.inp, 1 << 16)
+        if not data:
+            return False
+        self.heard = time.monotonic()
+        return self.handle(self.reader.feed(data))
+
+    def handle(self, messages: list[tuple[Any, ...]]) -> bool:
+        for message in messages:
+            if message[0] == "stop":
+                return False
+            if message[0] == "run":
+                self.run(*message[1:])
+        return True
+
+    def run(self, task_id: str, attempt: int, payload: bytes, timeout: float) -> None:
+        assert self.task is None and self.conn is not None, "the link sends one task at a time"
+        now = time.monotonic()
+        self.task = (task_id, attempt, now)
+        self.deadline, self.escalated = now + timeout, False
+        self.conn.send((task_id, attempt, payload))
+
+    def on_result(self) -> None:
+        assert self.conn is not None
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            self.selector.unregister(self.conn)  # dead: its exit follows
+            return
+        # After the deadline a late result does not count: the kill is under way.
+        if self.task is not None and self.deadline is not None and message[1] == self.task[0]:
+            self.task = self.deadline = None
+            self.send(message)
+
+    def on_child_exit(self) -> None:
+        child, self.child = self.child, None
+        child.join()
+        self.selector.unregister(child.sentinel)
+        if self.conn is not None:
+            if self.conn.fileno() in self.selector.get_map():
+                self.selector.unregister(self.conn)
+            self.conn.close()
+            self.conn = None
+        signal_group(child.pid, signal.SIGKILL)  # whatever the task left in the group
+        self.kill_at = None
+        if self.task is None and child.exitcode == _BROKEN_EXIT:
+            raise SystemExit(_BROKEN_EXIT)
+        if self.task is not None:
+            task_id, attempt, started = self.task
+            elapsed = time.monotonic() - started
+            if self.deadline is None:  # it was killed for its deadline
+                self.send(("timedout", task_id, attempt, elapsed, self.escalated))
+            else:
+                self.send(("lost", task_id, attempt, elapsed, describe_exit(child.exitcode)))
+            self.task = self.deadline = None
+        self.start_child()
+
+    def fire_timers(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline and self.child is not None:
+            self.deadline = None  # marks the task as killed for its deadline
+            self.strays = escapees(self.child.pid)
+            signal_group(self.child.pid, signal.SIGTERM, self.strays)
+            self.kill_at = now + self.grace
+        if self.kill_at is not None and now >= self.kill_at and self.child is not None:
+            self.kill_at, self.escalated = None, True
+            signal_group(self.child.pid, signal.SIGKILL, self.strays)
+        if now >= self.next_beat:
+            self.next_beat = now + self.beat_every
+            if now >= self.next_sample:
+                self.next_sample = now + self.sample_every
+                self.memory = self.measure()
+            self.send(("beat", self.memory))
+
+    def measure(self) -> tuple[int, int, int, int, float, bool] | None:
+        self.sampler.scan()
+        tree = self.sampler.sample(os.getpid())
+        self.sampler.prune()
+        if tree is None:
+            return None
+        return tree.uss, tree.pss, tree.rss, tree.processes, tree.cpu_percent, tree.exact
+
+    def start_child(self) -> None:
+        ctx = multiprocessing.get_context("fork")  # the agent is single-threaded: fork is safe
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_child_main, args=(child, self.initializer), name="procpool-remote")
+        process.start()
+        child.close()
+        assert process.pid is not None
+        try:
+            os.setpgid(process.pid, process.pid)
+        except OSError:
+            pass  # it did it first
+        self.child, self.conn = process, parent
+        self.selector.register(parent, selectors.EVENT_READ, "result")
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "exit")
+
+    def close(self) -> None:
+        """Kill the child's group (the task and whatever it started)."""
+        if self.child is not None:
+            signal_group(self.child.pid, signal.SIGKILL, escapees(self.child.pid))
+            self.child.join(1.0)
+
+
+def _child_main(conn: Connection, initializer: bytes | None) -> None:
+    """The worker child: run tasks one at a time, as a local worker does."""
+    os.setpgid(0, 0)
+    set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if initializer is not None:
+        try:
+            fn, args, kwargs = load_call(initializer)
+            fn(*args, **kwargs)
+        except BaseException:  # noqa: BLE001 - the traceback goes to the link's stderr
+            import traceback
+
+            traceback.print_exc()
+            os._exit(_BROKEN_EXIT)
+    while True:
+        try:
+            task_id, attempt, payload = conn.recv()
+        except EOFError:
+            return
+        conn.send(run_task(task_id, attempt, payload))
+
+
+def main() -> None:
+    """Entry point: frames on the inherited stdin/stdout; the process's own output to stderr."""
+    inp, out = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(2, 1)  # a task's print() must not corrupt the frame stream
+    sys.stdout = sys.stderr
+    set_parent_death_signal(signal.SIGTERM)  # sshd's session process went away
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reader = FrameReader(lambda n: os.read(inp, n))
+    agent: Agent | None = None
+    try:
+        hello = reader.read()
+        agent = Agent(inp, out, hello)
+        agent.reader = reader
+        agent.serve()
+    except (EOFError, OSError):
+        pass  # the channel closed
+    finally:
+        if agent is not None:
+            agent.close()
+
+
+if __name__ == "__main__":
+    main()

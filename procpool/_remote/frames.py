@@ -1,0 +1,64 @@
+"""Messages between a link and its agent: a 4-byte length, then a pickle of a plain tuple.
+
+Both ends trust each other as much as a local worker is trusted: results
+are unpickled either way. Frames travel only inside the SSH channel.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ("MAX_FRAME", "FrameReader", "encode")
+
+_LENGTH = struct.Struct("!I")
+MAX_FRAME = 1 << 31  # bytes; a longer length is a corrupt stream, not a big result
+
+
+def encode(message: tuple[Any, ...]) -> bytes:
+    """One frame holding ``message``."""
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameReader:
+    """Cuts frames out of a byte stream read with ``recv(n)`` (b"" at end of stream)."""
+
+    def __init__(self, recv: Callable[[int], bytes] | None = None) -> None:
+        self._recv = recv
+        self._buf = bytearray()
+        self._ready: deque[tuple[Any, ...]] = deque()
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        """Add bytes read elsewhere; return every frame now complete."""
+        self._buf += data
+        out = []
+        while len(self._buf) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buf)
+            if size >= MAX_FRAME:
+                raise EOFError(f"corrupt frame stream (length {size})")
+            end = _LENGTH.size + size
+            if len(self._buf) < end:
+                break
+            out.append(pickle.loads(self._buf[_LENGTH.size : end]))
+            del self._buf[:end]
+        return out
+
+    def drain(self) -> list[tuple[Any, ...]]:
+        """Frames that ``read`` cut out but has not returned yet."""
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def read(self) -> tuple[Any, ...]:
+        """Block for the next frame (with ``recv``). Raises EOFError at end of stream."""
+        assert self._recv is not None
+        while not self._ready:
+            data = self._recv(1 << 16)
+            if not data:
+                raise EOFError("the stream ended")
+            self._ready.extend(self.feed(data))
+        return self._ready.popleft()

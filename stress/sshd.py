@@ -1,0 +1,106 @@
+"""A real OpenSSH server on 127.0.0.1 for the remote-worker tests (Debian's openssh-server).
+
+Everything lives in a temporary folder: host key, user key, authorized_keys,
+known_hosts and the config. Nothing is installed at run time; ``.ci/run``
+installs the package. ``kill()`` ends the server with every session it
+serves (a host going down); ``start()`` brings it back with the same key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+SSHD = "/usr/sbin/sshd"
+_START_WAIT = 10.0  # seconds for sshd to accept connections
+
+
+def available() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None and os.geteuid() == 0
+
+
+def keygen(path: Path) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "procpool-test", "-f", str(path)], check=True
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SSHServer:
+    """One sshd acting as one host, with a user key it accepts and a known_hosts that trusts it."""
+
+    def __init__(self, root: Path, user_key: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = root / "host_key"
+        keygen(self.host_key)
+        self.user_key = user_key
+        (root / "authorized_keys").write_text(Path(f"{user_key}.pub").read_text())
+        pub = Path(f"{self.host_key}.pub").read_text().split()
+        self.known_hosts = root / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        self.config = root / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
+            f"PidFile {root}/sshd.pid\nAuthorizedKeysFile {root}/authorized_keys\n"
+            "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+            "Subsystem sftp internal-sftp\nMaxStartups 100\nMaxSessions 50\nLogLevel ERROR\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        return {"username": "root", "key": str(self.user_key)}
+
+    def start(self) -> None:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
+        self.process = subprocess.Popen([SSHD, "-D", "-f", str(self.config)], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + _START_WAIT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd did not start on port {self.port}") from None
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL sshd and every session, agent and task under it: the host is down."""
+        if self.process is None:
+            return
+        try:
+            tree = [
+                psutil.Process(self.process.pid),
+                *psutil.Process(self.process.pid).children(recursive=True),
+            ]
+        except psutil.NoSuchProcess:
+            tree = []
+        for proc in tree:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=5)
+        self.process.wait()
+        self.process = None
+
+    def sessions(self) -> list[psutil.Process]:
+        """Processes serving connections now (sshd's children and theirs)."""
+        if self.process is None:
+            return []
+        return psutil.Process(self.process.pid).children(recursive=True)
