@@ -1,4 +1,7 @@
-"""``python -m stress [SCENARIO] [options]``: demo (the default), chaos, soak, compare, overhead, browsers."""
+"""``python -m stress [SCENARIO] [options]``.
+
+Scenarios: demo (the default), chaos, soak, compare, overhead, browsers, remote.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "chaos", "soak", "compare", "overhead", "browsers")
+SCENARIOS = ("demo", "chaos", "soak", "compare", "overhead", "browsers", "remote")
 
 
 def main(argv: list[str]) -> int:

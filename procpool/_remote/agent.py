@@ -194,6 +194,8 @@ class Agent:
 
     def close(self) -> None:
         """Kill the child's group (the task and whatever it started)."""
+        # The parent-death SIGTERM often lands now, as the connection closes: it must not cut this short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.child is not None:
             signal_group(self.child.pid, signal.SIGKILL, escapees(self.child.pid))
             self.child.join(1.0)
@@ -237,6 +239,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reader = FrameReader(lambda n: os.read(inp, n))
     agent: Agent | None = None
+    code = 0
     try:
         hello = reader.read()
         agent = Agent(inp, out, hello)
@@ -244,9 +247,13 @@ def main() -> None:
         agent.serve()
     except (EOFError, OSError):
         pass  # the channel closed
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
     finally:
         if agent is not None:
             agent.close()
+    # Not sys.exit: multiprocessing's exit hook would wait for a child that outlived its kill.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,22 @@ def _faults_by_value() -> Iterator[None]:
     cloudpickle.unregister_pickle_by_value(faults)
 
 
+def _agents() -> set[psutil.Process]:
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if "procpool._remote.agent" in " ".join(proc.info["cmdline"] or ()):
+            found.add(proc)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_stray_agents() -> Iterator[None]:
+    """No agent or its worker outlives its connection (orphans escape the children check)."""
+    before = _agents()
+    yield
+    assert wait_until(lambda: not (_agents() - before), 10), f"agents left: {_agents() - before}"
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ssh")

@@ -59,8 +59,8 @@ def test_counters_round_trip(block: MetricsBlock) -> None:
 
 
 def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> None:
-    block.supervisor_section(1).write(b"local-worker-1", 1, 1, 4242, 1.0, 0, 0, 1)
-    writer = SlotWriter(block.name, 1)
+    block.supervisor_section(1).write(b"local-worker-1", 1, 1, os.getpid(), 1.0, 0, 0, 1)
+    writer = SlotWriter(block.name, 1)  # writes as this process, the slot's worker
     writer.running("task-9")
     assert snapshot(block)["workers"]["local-worker-1"]["current_task"] == "task-9"  # type: ignore[index]
     writer.finished(ok=True, elapsed=0.5)
@@ -72,11 +72,23 @@ def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> No
     assert list(workers) == ["local-worker-1"]  # type: ignore[call-overload]
     view = workers["local-worker-1"]  # type: ignore[index]
     assert (view["completed"], view["failed"], view["current_task"]) == (1, 1, None)
-    assert active_worker_pids(block.name) == [4242]
+    assert active_worker_pids(block.name) == [os.getpid()]
+
+
+def test_a_new_process_in_a_slot_shows_starting_until_it_writes(block: MetricsBlock) -> None:
+    block.supervisor_section(0).write(b"remote-worker-0", 2, 1, os.getpid(), 1.0, 0, 0, 1)
+    writer = SlotWriter(block.name, 0)
+    writer.running("task-1")
+    writer.close()
+    block.supervisor_section(0).write(
+        b"remote-worker-0", 2, 1, os.getpid() + 1, 1.0, 1, 0, 1
+    )  # its successor
+    view = snapshot(block)["workers"]["remote-worker-0"]  # type: ignore[index]
+    assert (view["type"], view["state"], view["current_task"]) == ("remote_ssh", "starting", None)
 
 
 def test_a_section_left_odd_by_a_killed_writer_is_reset_by_the_next(block: MetricsBlock) -> None:
-    block.supervisor_section(0).write(b"local-worker-0", 1, 1, 1, 1.0, 0, 0, 1)
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, os.getpid(), 1.0, 0, 0, 1)
     buf = block.shm.buf
     assert buf is not None
     at = HEADER_SIZE + 96
