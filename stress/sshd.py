@@ -25,6 +25,13 @@ def available() -> bool:
     return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None and os.geteuid() == 0
 
 
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def keygen(path: Path) -> None:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "procpool-test", "-f", str(path)], check=True
@@ -95,9 +102,12 @@ class SSHServer:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(tree, timeout=5)
         self.process.wait()
         self.process = None
+        # The rest are init's to reap (here maybe never): dead is enough.
+        deadline = time.monotonic() + _START_WAIT
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def sessions(self) -> list[psutil.Process]:
         """Processes serving connections now (sshd's children and theirs)."""
