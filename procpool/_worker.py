@@ -39,6 +39,7 @@ IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
 log = logging.getLogger(__name__)
 _here: tuple[TaskQueueProxy, int] | None = None  # this worker's queue and slot, once serving
 _loop: asyncio.AbstractEventLoop | None = None
+remote = False  # set in a remote agent's worker child
 
 # Messages on the result pipe (plain tuples: cheapest to pickle).
 Started = tuple[str, str, int]  # ("started", task id, attempt)
@@ -188,6 +189,11 @@ def companion_info(replace: bool = False) -> dict[str, Any]:
     Raises:
         RuntimeError: not called in a procpool worker, or the pool has no companion factory.
     """
+    if remote:
+        raise RuntimeError(
+            "companion_info() is not available on a remote worker: companions (pinned browsers) "
+            "run on the pool's own machine"
+        )
     if _here is None:
         raise RuntimeError("companion_info() works only in a task running in a procpool worker")
     queue, slot = _here

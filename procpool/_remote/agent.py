@@ -28,6 +28,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import _worker
 from .._memory import TreeSampler
 from .._payload import load_call
 from .._process import escapees, set_parent_death_signal, signal_group
@@ -203,6 +204,7 @@ class Agent:
 
 def _child_main(conn: Connection, initializer: bytes | None) -> None:
     """The worker child: run tasks one at a time, as a local worker does."""
+    _worker.remote = True
     os.setpgid(0, 0)
     set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -15,6 +15,7 @@ import faults
 import pytest
 from conftest import pid_alive, wait_until
 
+from procpool import companion_info
 from procpool._payload import dump_call
 from procpool._remote.frames import FrameReader, encode
 
@@ -94,6 +95,11 @@ def test_a_task_past_its_deadline_is_killed_with_its_group(agent: Driver, tmp_pa
     deaf = agent.run(faults.ignore_sigterm_and_hang, timeout=0.3)
     assert deaf[0] == "timedout" and deaf[4] is True  # SIGKILL after the grace
     assert agent.run(faults.double, (1,))[3] is True  # a new child serves the next task
+
+
+def test_companions_are_local_only(agent: Driver) -> None:
+    failed = agent.run(companion_info)
+    assert failed[3] is False and "not available on a remote worker" in failed[8]
 
 
 def test_a_death_mid_task_is_reported_at_once(agent: Driver) -> None:

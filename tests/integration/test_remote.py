@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -51,6 +52,13 @@ def _agents() -> set[psutil.Process]:
         if "procpool._remote.agent" in " ".join(proc.info["cmdline"] or ()):
             found.add(proc)
     return found
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(autouse=True)
@@ -300,3 +308,48 @@ def test_remote_memory_is_sampled_on_the_host(make_executor: Make, hosts: Hosts)
     kernel = sum(p.memory_full_info().uss for p in [agent, *agent.children(recursive=True)]) / 2**20
     assert executor.get_stats()["workers"][name]["memory_mb"] == pytest.approx(kernel, rel=0.3)
     assert psutil.pid_exists(agent.pid)
+
+
+CALLER = """
+import json, os, sys, time
+sys.path.insert(0, {tests!r})
+import cloudpickle, faults
+from procpool import DistributedExecutor, TaskStatus
+cloudpickle.register_pickle_by_value(faults)
+ex = DistributedExecutor(max_local_workers=1, enable_remote=True)
+held = ex.submit_task(faults.hang)
+while ex.get_task(held).status is not TaskStatus.RUNNING:
+    time.sleep(0.01)
+ex.add_remote_worker("127.0.0.1", {port}, credentials={credentials!r}, python=sys.executable,
+                     known_hosts={known_hosts!r})
+on_host = ex.submit_task(faults.spawn_grandchild_and_hang, ({pid_file!r},))
+while ex.get_task(on_host).status is not TaskStatus.RUNNING or not os.path.exists({pid_file!r}):
+    time.sleep(0.01)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_nothing_outlives_a_caller_killed_with_sigkill_on_the_host(hosts: Hosts, tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    tests = os.path.dirname(os.path.dirname(__file__))
+    script = CALLER.format(
+        tests=tests, port=hosts[0].port, credentials=hosts[0].credentials,
+        known_hosts=str(hosts[0].known_hosts), pid_file=str(pid_file),
+    )  # fmt: skip
+    before = _agents()
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout is not None
+        assert caller.stdout.readline() == "ready\n"
+        on_host = [*(_agents() - before), psutil.Process(int(pid_file.read_text()))]
+        assert len(on_host) == 3  # the agent, its worker child and the task's grandchild
+        caller.kill()
+        caller.wait(10)
+        assert wait_until(lambda: not any(_running(p) for p in on_host), 15), on_host
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+        if caller.stdout is not None:
+            caller.stdout.close()
