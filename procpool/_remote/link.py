@@ -29,7 +29,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .._errors import RemoteWorkerError
-from .._health import heartbeat_interval
 from .._metrics import MemoryWriter, SlotWriter
 from .._process import set_parent_death_signal
 from .._queue import STOP, connect_queue
@@ -62,6 +61,7 @@ class LinkSpec:
     kill_grace: float
     sample_interval: float | None
     initializer: bytes | None
+    beat_interval: float  # seconds between the agent's beats: often enough for both heartbeat timeouts
 
 
 def describe_link_exit(exitcode: int | None, host: RemoteHost) -> str | None:
@@ -108,16 +108,25 @@ class Link:
         from . import ssh  # fabric is imported only where it is used
 
         host = self.spec.host
+        connected = threading.Event()
+        # Connecting takes up to a few connect timeouts; the slot shows "starting" and stays alive meanwhile.
+        threading.Thread(target=self.beat_until, args=(connected,), name="connecting", daemon=True).start()
         try:
             self.session = ssh.open_agent(host)
         except RemoteWorkerError as exc:
             log.warning("remote worker %s: %s", self.spec.key, exc)
             return EXIT_UNREACHABLE
+        finally:
+            connected.set()
         try:
             return self.work()
         finally:
             self.session.close()
             self.memory.close()
+
+    def beat_until(self, done: threading.Event) -> None:
+        while not done.wait(self.spec.beat_interval):
+            self.slot.beat()
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.lock:
@@ -127,8 +136,9 @@ class Link:
         spec, host = self.spec, self.spec.host
         self.session.channel.settimeout(host.heartbeat_timeout)
         sample = spec.sample_interval or _NO_SAMPLES
-        beat = heartbeat_interval(host.heartbeat_timeout)
-        self.send(("hello", beat, host.heartbeat_timeout, spec.kill_grace, sample, spec.initializer))
+        self.send(
+            ("hello", spec.beat_interval, host.heartbeat_timeout, spec.kill_grace, sample, spec.initializer)
+        )
         threading.Thread(target=self.read, name="agent-frames", daemon=True).start()
         threading.Thread(target=self.forward_stderr, name="agent-stderr", daemon=True).start()
         if self.events.get()[0] != "ready":

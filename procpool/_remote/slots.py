@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._errors import TaskTimeoutError, WorkerLostError
+from .._health import heartbeat_interval
 from .._states import TaskStatus
 from .hosts import RemoteHost
 from .link import LinkSpec, run_link
@@ -127,10 +128,12 @@ class RemoteSlots:
 
     def _link_process(self, slot: int, host: RemoteHost, key: str, writer: Any) -> Any:
         assert self.manager is not None
+        silence = min(host.heartbeat_timeout, self.cfg.heartbeat_timeout or host.heartbeat_timeout)
+        beat = heartbeat_interval(silence)
         spec = LinkSpec(
             key, slot, self.manager.address, self.ex._authkey, writer, self.metrics.name,
             self.cfg.max_tasks_per_worker, os.getpid(), host, self.cfg.kill_grace,
-            self.cfg.memory_sample_interval, self.ex._initializer,
+            self.cfg.memory_sample_interval, self.ex._initializer, beat,
         )  # fmt: skip
         return self.cfg.context.Process(target=run_link, args=(spec,), name=self.remote_name(slot))
 
