@@ -22,7 +22,8 @@ _START_WAIT = 10.0  # seconds for sshd to accept connections
 
 
 def available() -> bool:
-    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None and os.geteuid() == 0
+    tools = ("ssh-keygen", "setpriv")
+    return os.path.exists(SSHD) and all(shutil.which(t) for t in tools) and os.geteuid() == 0
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -75,7 +76,9 @@ class SSHServer:
 
     def start(self) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
-        self.process = subprocess.Popen([SSHD, "-D", "-f", str(self.config)], stdin=subprocess.DEVNULL)
+        # setpriv: sshd dies with whatever started it, even if that was SIGKILLed.
+        command = ["setpriv", "--pdeathsig", "KILL", SSHD, "-D", "-f", str(self.config)]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + _START_WAIT
         while True:
             try:

@@ -34,7 +34,7 @@ from .._payload import load_call
 from .._process import escapees, set_parent_death_signal, signal_group
 from .._scheduling import describe_exit
 from .._worker import run_task
-from .frames import FrameReader, encode
+from .frames import MARKER, FrameReader, encode
 
 __all__ = ("main",)
 
@@ -239,6 +239,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.write(out, MARKER)
     reader = FrameReader(lambda n: os.read(inp, n))
     agent: Agent | None = None
     code = 0

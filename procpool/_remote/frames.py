@@ -12,7 +12,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ("MAX_FRAME", "FrameReader", "encode")
+__all__ = ("MARKER", "MAX_FRAME", "FrameReader", "encode")
+
+# The agent writes this before its first frame: whatever a login shell printed before it is skipped.
+MARKER = b"\nprocpool-agent-frames\n"
 
 _LENGTH = struct.Struct("!I")
 MAX_FRAME = 1 << 31  # bytes; a longer length is a corrupt stream, not a big result
@@ -31,6 +34,18 @@ class FrameReader:
         self._recv = recv
         self._buf = bytearray()
         self._ready: deque[tuple[Any, ...]] = deque()
+
+    def skip_to_marker(self, limit: int = 1 << 20) -> None:
+        """Drop what comes before ``MARKER`` (a login banner); EOFError if it never comes."""
+        assert self._recv is not None
+        while (at := self._buf.find(MARKER)) < 0:
+            if len(self._buf) > limit:
+                raise EOFError("the remote side printed no agent marker: is it a procpool agent?")
+            data = self._recv(1 << 16)
+            if not data:
+                raise EOFError(f"the stream ended before the agent started: {bytes(self._buf[-300:])!r}")
+            self._buf += data
+        del self._buf[: at + len(MARKER)]
 
     def feed(self, data: bytes) -> list[tuple[Any, ...]]:
         """Add bytes read elsewhere; return every frame now complete."""
@@ -56,6 +71,7 @@ class FrameReader:
     def read(self) -> tuple[Any, ...]:
         """Block for the next frame (with ``recv``). Raises EOFError at end of stream."""
         assert self._recv is not None
+        self._ready.extend(self.feed(b""))  # bytes already buffered (after the marker)
         while not self._ready:
             data = self._recv(1 << 16)
             if not data:

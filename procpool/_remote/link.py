@@ -154,13 +154,15 @@ class Link:
             if item is None:
                 continue
             if item == STOP:
-                self.send(("stop",))
-                return 0
+                break
             assert isinstance(item, tuple)
             if not self.run(*item):
                 return EXIT_LOST
             done += 1
-        self.send(("stop",))
+        try:
+            self.send(("stop",))  # the agent ends at once rather than when the connection closes
+        except Exception:  # noqa: BLE001 - the connection is gone: the agent ends on its own
+            pass
         return 0
 
     def run(self, task_id: str, attempt: int, payload: bytes) -> bool:
@@ -186,6 +188,7 @@ class Link:
         """Frames from the agent: beats are handled here, the rest queued for the main thread."""
         reader = FrameReader(self.session.channel.recv)
         try:
+            reader.skip_to_marker()
             while True:
                 message = reader.read()
                 if message[0] == "beat":

@@ -32,6 +32,7 @@ class Driver:
         assert self.process.stdout is not None
         out = self.process.stdout.fileno()
         self.reader = FrameReader(lambda n: os.read(out, n))
+        self.reader.skip_to_marker()
         self.send(("hello", 0.1, silence, GRACE, 0.1, initializer))
 
     def send(self, message: tuple[Any, ...]) -> None:

@@ -353,3 +353,14 @@ def test_nothing_outlives_a_caller_killed_with_sigkill_on_the_host(hosts: Hosts,
             caller.wait(10)
         if caller.stdout is not None:
             caller.stdout.close()
+
+
+def test_output_before_the_agent_starts_is_skipped(make_executor: Make, hosts: Hosts, tmp_path: Path) -> None:
+    noisy = tmp_path / "noisy-python"
+    noisy.write_text(f'#!/bin/sh\necho "Welcome! (a login script printing)"\nexec {sys.executable} "$@"\n')
+    noisy.chmod(0o755)
+    executor = make_executor(max_local_workers=1, enable_remote=True)
+    names = add(executor, hosts[0], python=str(noisy), slots=2)
+    assert wait_until(lambda: remote_ready(executor, names), 30)
+    ids = [executor.submit_task(faults.sleep_then, (0.2, i)) for i in range(6)]
+    assert executor.wait_for_tasks(ids, timeout=30) == list(range(6))

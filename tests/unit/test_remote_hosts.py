@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from procpool._remote.frames import FrameReader, encode
+from procpool._remote.frames import MARKER, FrameReader, encode
 from procpool._remote.hosts import build_host
 from procpool._remote.link import EXIT_LOST, EXIT_UNREACHABLE, describe_link_exit
 from procpool._remote.slots import backoff
@@ -97,6 +97,16 @@ def test_a_blocking_reader_reports_the_end_of_the_stream() -> None:
     assert reader.read() == ("b", 2)
     with pytest.raises(EOFError):
         reader.read()
+
+
+def test_what_a_login_shell_prints_before_the_agent_is_skipped() -> None:
+    parts = [b"Welcome to host\n" + MARKER[:5], MARKER[5:] + encode(("ready", 1)), b""]
+    reader = FrameReader(lambda n: parts.pop(0))
+    reader.skip_to_marker()
+    assert reader.read() == ("ready", 1)
+    silent = FrameReader(lambda n: b"")
+    with pytest.raises(EOFError, match="before the agent started"):
+        silent.skip_to_marker()
 
 
 def test_a_corrupt_length_ends_the_stream() -> None:
