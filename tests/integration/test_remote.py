@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -364,3 +365,36 @@ def test_output_before_the_agent_starts_is_skipped(make_executor: Make, hosts: H
     assert wait_until(lambda: remote_ready(executor, names), 30)
     ids = [executor.submit_task(faults.sleep_then, (0.2, i)) for i in range(6)]
     assert executor.wait_for_tasks(ids, timeout=30) == list(range(6))
+
+
+def test_a_frozen_host_is_given_up_after_its_heartbeat_timeout(make_executor: Make, hosts: Hosts) -> None:
+    executor = make_executor(max_local_workers=1, enable_remote=True)
+    names = add(executor, hosts[1], heartbeat_timeout=1.5, reconnect_max=0.5)
+    assert wait_until(lambda: remote_ready(executor, names), 30)
+    agents = _agents()
+    (agent,) = [p for p in agents if p.parent() not in agents]  # not its worker child
+    agent.send_signal(signal.SIGSTOP)  # as a cut network looks: nothing closes, nothing arrives
+    try:
+        stopped = time.monotonic()
+        assert wait_until(lambda: executor.get_stats()["workers"][names[0]]["restarts"] >= 1, 10)
+        assert 1.5 <= time.monotonic() - stopped < 1.5 + 2.0
+        assert wait_until(lambda: remote_ready(executor, names), 30)  # reconnected, to a new agent
+        ids = [executor.submit_task(faults.sleep_then, (0.3, i)) for i in range(4)]
+        assert executor.wait_for_tasks(ids, timeout=30) == list(range(4))
+    finally:
+        agent.send_signal(signal.SIGCONT)  # it then finds its connection gone and ends
+    assert wait_until(lambda: not _running(agent), 10)
+
+
+def test_a_refused_password_fails_fast_and_is_never_shown(
+    make_executor: Make, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = make_executor(max_local_workers=1, enable_remote=True)
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(RemoteAuthError, match="refused the credentials") as info,
+    ):
+        add(executor, hosts[0], credentials={"username": "root", "password": "s3cret-pw"})
+    assert time.monotonic() - started < 5
+    assert "s3cret-pw" not in f"{info.value!r} {caplog.text}"
