@@ -7,6 +7,7 @@ and no procpool shared-memory block in /dev/shm.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -95,6 +96,15 @@ def make_executor() -> Iterator[Callable[..., DistributedExecutor]]:
 def executor(make_executor: Callable[..., DistributedExecutor]) -> DistributedExecutor:
     """Two workers, a 30 s default deadline, one retry."""
     return make_executor(task_timeout=30, max_retries=1)
+
+
+def end_process(process: subprocess.Popen[str]) -> None:
+    """Kill a helper process if it still runs, reap it and close its pipe."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def pid_alive(pid: int) -> bool:

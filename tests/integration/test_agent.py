@@ -110,43 +110,32 @@ def test_a_death_mid_task_is_reported_at_once(agent: Driver) -> None:
     assert agent.run(faults.double, (2,))[3] is True
 
 
+def start_hanging(driver: Driver, tmp_path: Path) -> int:
+    """Send a task that starts a grandchild and hangs; returns the grandchild's pid once it runs."""
+    pid_file = tmp_path / "pid"
+    payload = dump_call(cloudpickle.dumps(faults.spawn_grandchild_and_hang), (str(pid_file),), {})
+    driver.send(("run", "t", 1, payload, 60))
+    assert wait_until(pid_file.exists, 10)
+    return int(pid_file.read_text())
+
+
 def test_a_silent_link_ends_the_agent_and_its_task(tmp_path: Path) -> None:
     driver = Driver(silence=1.0)
     try:
         assert driver.next(ping=False)[0] == "ready"
-        pid_file = tmp_path / "pid"
-        driver.send(
-            (
-                "run",
-                "t",
-                1,
-                dump_call(cloudpickle.dumps(faults.spawn_grandchild_and_hang), (str(pid_file),), {}),
-                60,
-            )
-        )
-        assert wait_until(pid_file.exists, 10)
+        grandchild = start_hanging(driver, tmp_path)
         assert driver.process.wait(10) == 0  # no pings: it gave up after 1 s of silence
-        assert wait_until(lambda: not pid_alive(int(pid_file.read_text())), 5)
+        assert wait_until(lambda: not pid_alive(grandchild), 5)
     finally:
         driver.close()
 
 
 def test_a_closed_channel_ends_the_agent_and_its_task(agent: Driver, tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
-    agent.send(
-        (
-            "run",
-            "t",
-            1,
-            dump_call(cloudpickle.dumps(faults.spawn_grandchild_and_hang), (str(pid_file),), {}),
-            60,
-        )
-    )
-    assert wait_until(pid_file.exists, 10)
+    grandchild = start_hanging(agent, tmp_path)
     assert agent.process.stdin is not None
     agent.process.stdin.close()
     assert agent.process.wait(10) == 0
-    assert wait_until(lambda: not pid_alive(int(pid_file.read_text())), 5)
+    assert wait_until(lambda: not pid_alive(grandchild), 5)
 
 
 def test_a_failing_initializer_ends_the_agent() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import faults
 import psutil
 import pytest
-from conftest import pid_alive, wait_until
+from conftest import end_process, pid_alive, wait_until
 
 from procpool import BrokenPoolError, DistributedExecutor, TaskStatus
 
@@ -103,11 +103,7 @@ def test_nothing_outlives_a_caller_killed_with_sigkill(tmp_path: Path) -> None:
         block = Path("/dev/shm") / info["block"]
         assert wait_until(lambda: not block.exists(), 10), "the metrics block outlived its owner"
     finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait(10)
-        if caller.stdout is not None:
-            caller.stdout.close()
+        end_process(caller)
 
 
 def test_interpreter_exit_without_shutdown_ends_everything(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import cloudpickle
 import faults
 import psutil
 import pytest
-from conftest import pid_alive, wait_until
+from conftest import end_process, pid_alive, wait_until
 
 from procpool import (
     DistributedExecutor,
@@ -349,11 +349,7 @@ def test_nothing_outlives_a_caller_killed_with_sigkill_on_the_host(hosts: Hosts,
         caller.wait(10)
         assert wait_until(lambda: not any(_running(p) for p in on_host), 15), on_host
     finally:
-        if caller.poll() is None:
-            caller.kill()
-            caller.wait(10)
-        if caller.stdout is not None:
-            caller.stdout.close()
+        end_process(caller)
 
 
 def test_output_before_the_agent_starts_is_skipped(make_executor: Make, hosts: Hosts, tmp_path: Path) -> None:
