@@ -50,6 +50,9 @@ class Agent:
         self.grace: float = hello[3]
         self.sample_every: float = hello[4]
         self.initializer: bytes | None = hello[5]
+        self.max_tasks: int | None = hello[6]  # a fresh child after this many tasks (max_tasks_per_worker)
+        self.ran = 0  # tasks the current child ran
+        self.generation = 0  # children started so far: events of a replaced child are stale
         self.inp, self.out = inp, out
         self.reader = FrameReader()
         self.selector = selectors.DefaultSelector()
@@ -81,8 +84,10 @@ class Agent:
             if now - self.heard > self.silence:
                 return  # the link (or the network to it) is gone
             events = self.selector.select(max(0.0, self.next_due() - now))
-            # A child's exit last: its replacement may reuse the fds of this round's other events.
-            for key, _ in sorted(events, key=lambda event: event[0].data == "exit"):
+            generation = self.generation
+            for key, _ in events:
+                if key.data != "link" and self.generation != generation:
+                    continue  # the child was replaced in this round: its new one may reuse these fds
                 if key.data == "link":
                     if not self.on_link():
                         return
@@ -130,6 +135,10 @@ class Agent:
         if self.task is not None and self.deadline is not None and message[1] == self.task[0]:
             self.task = self.deadline = None
             self.send(message)
+            self.ran += 1
+            if self.max_tasks is not None and self.ran >= self.max_tasks and self.child is not None:
+                signal_group(self.child.pid, signal.SIGKILL)  # done with it: a fresh one takes over now
+                self.on_child_exit()
 
     def on_child_exit(self) -> None:
         child, self.child = self.child, None
@@ -189,7 +198,8 @@ class Agent:
             os.setpgid(process.pid, process.pid)
         except OSError:
             pass  # it did it first
-        self.child, self.conn = process, parent
+        self.child, self.conn, self.ran = process, parent, 0
+        self.generation += 1
         self.selector.register(parent, selectors.EVENT_READ, "result")
         self.selector.register(process.sentinel, selectors.EVENT_READ, "exit")
 

@@ -55,7 +55,7 @@ class LinkSpec:
     authkey: bytes = field(repr=False)  # the manager's; stays on this machine
     conn: Connection
     shm_name: str
-    max_tasks: int | None
+    max_tasks: int | None  # per worker child on the host
     parent_pid: int
     host: RemoteHost  # its repr shows no secret
     kill_grace: float
@@ -137,8 +137,9 @@ class Link:
         self.session.channel.settimeout(host.heartbeat_timeout)
         sample = spec.sample_interval or _NO_SAMPLES
         self.send(
-            ("hello", spec.beat_interval, host.heartbeat_timeout, spec.kill_grace, sample, spec.initializer)
-        )
+            ("hello", spec.beat_interval, host.heartbeat_timeout, spec.kill_grace, sample, spec.initializer,
+             spec.max_tasks)
+        )  # fmt: skip
         threading.Thread(target=self.read, name="agent-frames", daemon=True).start()
         threading.Thread(target=self.forward_stderr, name="agent-stderr", daemon=True).start()
         if self.events.get()[0] != "ready":
@@ -146,8 +147,7 @@ class Link:
             return EXIT_UNREACHABLE
         tasks = connect_queue(spec.address, spec.authkey)
         self.slot.idle()
-        done = 0
-        while spec.max_tasks is None or done < spec.max_tasks:
+        while True:  # the agent starts a fresh child after max_tasks: the connection stays
             if not self.events.empty():
                 return EXIT_LOST  # nothing else arrives unasked: the connection is gone
             item = tasks.take(spec.key, _IDLE_WAIT)
@@ -158,7 +158,6 @@ class Link:
             assert isinstance(item, tuple)
             if not self.run(*item):
                 return EXIT_LOST
-            done += 1
         try:
             self.send(("stop",))  # the agent ends at once rather than when the connection closes
         except Exception:  # noqa: BLE001 - the connection is gone: the agent ends on its own

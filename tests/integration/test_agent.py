@@ -25,7 +25,9 @@ GRACE = 0.3
 class Driver:
     """Plays the link: sends frames on the agent's stdin, reads them from its stdout, answers beats."""
 
-    def __init__(self, silence: float = 10.0, initializer: bytes | None = None) -> None:
+    def __init__(
+        self, silence: float = 10.0, initializer: bytes | None = None, max_tasks: int | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "procpool._remote.agent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -33,7 +35,7 @@ class Driver:
         out = self.process.stdout.fileno()
         self.reader = FrameReader(lambda n: os.read(out, n))
         self.reader.skip_to_marker()
-        self.send(("hello", 0.1, silence, GRACE, 0.1, initializer))
+        self.send(("hello", 0.1, silence, GRACE, 0.1, initializer, max_tasks))
 
     def send(self, message: tuple[Any, ...]) -> None:
         assert self.process.stdin is not None
@@ -96,6 +98,16 @@ def test_a_task_past_its_deadline_is_killed_with_its_group(agent: Driver, tmp_pa
     deaf = agent.run(faults.ignore_sigterm_and_hang, timeout=0.3)
     assert deaf[0] == "timedout" and deaf[4] is True  # SIGKILL after the grace
     assert agent.run(faults.double, (1,))[3] is True  # a new child serves the next task
+
+
+def test_max_tasks_gives_a_fresh_child_without_a_new_connection() -> None:
+    driver = Driver(max_tasks=1)
+    try:
+        assert driver.next()[0] == "ready"
+        pids = [cloudpickle.loads(driver.run(os.getpid, task=f"t{i}")[6]) for i in range(3)]
+        assert len(set(pids)) == 3 and driver.process.poll() is None
+    finally:
+        driver.close()
 
 
 def test_companions_are_local_only(agent: Driver) -> None:

@@ -394,3 +394,16 @@ def test_a_refused_password_fails_fast_and_is_never_shown(
         add(executor, hosts[0], credentials={"username": "root", "password": "s3cret-pw"})
     assert time.monotonic() - started < 5
     assert "s3cret-pw" not in f"{info.value!r} {caplog.text}"
+
+
+def test_max_tasks_per_worker_gives_fresh_processes_on_one_connection(
+    make_executor: Make, hosts: Hosts, gate: Path
+) -> None:
+    executor = make_executor(max_local_workers=1, enable_remote=True, max_tasks_per_worker=1)
+    hold_local(executor, gate)
+    (name,) = add(executor, hosts[0])
+    pids = [
+        executor.get_task_result(executor.submit_task(faults.pid_after, (0,)), timeout=30) for _ in range(4)
+    ]
+    assert len(set(pids)) == 4  # a fresh process for each task ...
+    assert executor.get_stats()["workers"][name]["restarts"] == 0  # ... with no new connection
