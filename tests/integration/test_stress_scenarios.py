@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from stress import sshd
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,3 +50,12 @@ def test_compare_measures_every_figure_and_charts_the_ratios(tmp_path: Path) -> 
 def test_overhead_reports_its_figures(tmp_path: Path) -> None:
     report = scenario(tmp_path, "overhead", "--workers", "4", "--calls", "200")
     assert report["figures"]["idle worker USS, median (MB)"] > 0
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(not sshd.available(), reason="needs root and openssh-server")
+def test_remote_measures_round_trips_losses_and_throughput(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "remote", "--calls", "30", "--tasks", "200")
+    figures = report["figures"]
+    assert figures["host killed: loss to task running elsewhere (s)"] < 2.0  # noticed at once, not by silence
+    assert figures["tiny tasks/s, 2 hosts x 2 slots"] > 0
