@@ -1,0 +1,179 @@
+"""Task events on the supervisor thread: started, done, deadlines, cancels (a mixin of Supervisor).
+
+Every change of a task's state happens here or in the supervisor, on its
+thread, through ``Ledger.move``. An attempt counts only while it is the
+task's current one and its worker is not fenced (see ``_supervisor``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from ._errors import RemoteTaskError, TaskCancelledError, TaskTimeoutError, WorkerLostError, WorkerMemoryError
+from ._ledger import Ledger, rebuild_error
+from ._remote.slots import DEADLINE_MARGIN
+from ._scheduling import Timers, should_retry
+from ._states import TERMINAL, TaskStatus
+from ._task import Task
+
+if TYPE_CHECKING:
+    from ._config import Config
+    from ._executor import DistributedExecutor
+    from ._queue import TaskQueueProxy
+    from ._supervisor import Worker
+
+__all__ = ("TaskEvents",)
+
+log = logging.getLogger(__name__)
+
+
+class TaskEvents:
+    """Mixed into Supervisor; uses its ledger, timers, queue and workers."""
+
+    if TYPE_CHECKING:
+        cfg: Config
+        ex: DistributedExecutor
+        ledger: Ledger
+        queue: TaskQueueProxy | None
+        timers: Timers
+        workers: dict[int, Worker]
+
+        def _doom(self, w: Worker, reason: str, doomed: tuple[str, int] | None) -> None: ...
+        def _answer_started(self, w: Any, task: Task | None) -> None: ...
+
+    def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
+        task = self._start(w, task_id, attempt)
+        if w.host is not None:
+            self._answer_started(w, task)
+
+    def _start(self, w: Worker, task_id: str, attempt: int) -> Task | None:
+        """Mark a task running on ``w``; returns it, or None if that attempt no longer counts."""
+        w.lease = (task_id, attempt)
+        w.ran_any = True
+        if w.lease == w.doomed:
+            w.fenced = True
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
+            return None
+        task.worker = w.name
+        self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
+        # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
+        margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
+        self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout + margin)
+        return task
+
+    def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
+        self._settle_done(w, message)
+        if not message[3]:
+            # A worker that failed a task waits for this before taking another,
+            # so that a retry is back in its place before the next take.
+            try:
+                w.conn.send(True)
+            except OSError:
+                pass  # it died meanwhile; its sentinel tells the rest
+
+    def _settle_done(self, w: Worker, message: tuple[Any, ...]) -> None:
+        _, task_id, attempt, ok, retryable, elapsed, blob, type_name, text, tb = message
+        w.lease = None
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.fenced:
+            return  # a stale attempt, or one being killed: fenced out
+        self.timers.discard(("deadline", task_id, attempt))
+        if ok:
+            try:
+                value = cloudpickle.loads(blob)
+            except BaseException as exc:  # noqa: BLE001
+                bad = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
+                self._fail_attempt(task, w.name, bad, retryable=False, elapsed=elapsed)
+                return
+            self.ledger.move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
+            return
+        error = rebuild_error(blob, type_name, text, tb)
+        self._fail_attempt(task, w.name, error, retryable=retryable, elapsed=elapsed)
+
+    def _fail_attempt(
+        self, task: Task, worker: str, error: BaseException, retryable: bool, elapsed: float | None = None
+    ) -> None:
+        self.timers.discard(("deadline", task.task_id, task.attempt))
+        if retryable and should_retry(task.attempt, self.cfg.max_retries):
+            log.info(
+                "task %s attempt %d failed on %s (%r); retrying", task.task_id, task.attempt, worker, error
+            )
+            task.attempt += 1
+            self.ledger.move(task, TaskStatus.RETRYING, error=error)
+            assert self.queue is not None and task.payload is not None
+            try:
+                self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
+            except (OSError, EOFError):
+                pass  # the manager is gone; its sentinel fails every task
+            return
+        self.ledger.move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
+
+    def _on_deadline(self, task_id: str, attempt: int) -> None:
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING:
+            return
+        w = self._worker_named(task.worker)
+        if w is not None:
+            self._doom(w, "timeout", (task_id, attempt))
+
+    def _finish_killed(self, task: Task, w: Worker) -> None:
+        # Reported once the worker is dead, so "reported" means "really stopped".
+        where = f"worker {w.name} (pid {w.process.pid})"
+        if w.doom == "hung":
+            lost = WorkerLostError(f"{where} {w.note} while running task {task.task_id}; it was killed")
+            self._fail_attempt(task, w.name, lost, retryable=True)
+            return
+        if w.doom == "memory":
+            oom = WorkerMemoryError(f"{where} {w.note} while running task {task.task_id}; it was killed")
+            self._fail_attempt(task, w.name, oom, retryable=False)
+            return
+        started = task.record.started_at
+        error = TaskTimeoutError(
+            f"task {task.task_id} exceeded its {task.timeout:g} s deadline; worker {w.name} "
+            f"(pid {w.process.pid}) and its process group were killed"
+        )
+        elapsed = time.time() - started if started else None
+        self.ledger.move(
+            task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed
+        )
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task (on the supervisor thread). True if it will not complete."""
+        task = self.ex._tasks[task_id]
+        if task.status in TERMINAL:
+            return False
+        holder: str | None = task.worker if task.status is TaskStatus.RUNNING else None
+        if holder is None:
+            assert self.queue is not None
+            with self.ex._outbox.flush_lock:
+                where = "removed" if self.ex._outbox.discard(task_id) else self.queue.cancel(task_id)
+            if where is None:
+                return False  # it already ran to the end; its result is on the way
+            holder = None if where == "removed" else where
+        if holder is not None:
+            w = self._worker_named(holder)
+            if w is not None:
+                self._doom(w, "cancel", (task_id, task.attempt))
+        self.timers.discard(("deadline", task_id, task.attempt))
+        error = TaskCancelledError(f"task {task_id} was cancelled")
+        self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
+        return True
+
+    def close(self, cancel_pending: bool) -> None:
+        """Stop taking work; end once every task is finished (on the supervisor thread)."""
+        self._closing = True
+        if cancel_pending:
+            for task in list(self.ex._tasks.values()):
+                if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+                    self.cancel(task.task_id)
+
+    def _worker_named(self, name: str | None) -> Worker | None:
+        for w in self.workers.values():
+            if name in (w.name, w.key):
+                return w
+        return None
