@@ -61,7 +61,7 @@ class Agent:
         self.conn: Connection | None = None
         self.strays: list[Any] = []  # descendants of the child outside its group, at the deadline
         self.task: tuple[str, int, float] | None = None  # task id, attempt, started (monotonic)
-        self.deadline: float | None = None  # None while a task runs: it was killed for its deadline
+        self.deadline: float | None = None  # the running task's; None once it is killed for it
         self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
         self.escalated = False
         self.heard = self.next_beat = self.next_sample = time.monotonic()
