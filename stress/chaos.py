@@ -2,11 +2,14 @@
 
     submitter (this thread) ── CPU tasks at every priority, browser fan-outs ──▶ DistributedExecutor
     chaos (this thread, every --every s) ── SIGKILL / SIGSTOP ──▶ a random worker or pinned browser
+                                         ── and with --remote: a remote agent, or a whole host down
     checks, continuously ── stats add up, nothing submitted goes missing
     checks, at the end ── every task ended exactly once, nothing left behind
 
 A stopped worker is found by its missing heartbeat and replaced; a stopped
-browser by the next task that cannot reach it. Exits 1 on any broken invariant.
+browser by the next task that cannot reach it; a stopped agent by its silent
+connection. A host taken down comes back after a few seconds. Exits 1 on any
+broken invariant.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import random
 import signal
 import time
 
+import psutil
+
 from procpool import DistributedExecutor
 
+from . import sshd
 from .common import add_run_arguments, leftovers, say, table, write_report
 from .demo import Run, browsers_for, check, fanout, signal_random, stats_problem
 
@@ -29,11 +35,17 @@ FAULTS = {  # name -> (signal, sent to a browser rather than a worker)
     "browser SIGKILL": (signal.SIGKILL, True),
     "browser SIGSTOP": (signal.SIGSTOP, True),
 }
+REMOTE_FAULTS = {"agent SIGKILL": signal.SIGKILL, "agent SIGSTOP": signal.SIGSTOP, "host down": None}
+HOST_DOWN = 3.0  # seconds a host taken down stays down
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, duration=30.0, workers=3, what="chaos")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between faults (default 1)")
+    parser.add_argument(
+        "--remote", type=int, default=0, metavar="HOSTS",
+        help="also HOSTS sshd hosts on 127.0.0.1 of 2 slots each, faulted too (root, openssh-server)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,17 +55,21 @@ def run(args: argparse.Namespace) -> int:
     site, options = browsers_for(args)
     broken: list[str] = []
     try:
-        with DistributedExecutor(
+        with sshd.loopback_hosts(args.remote) as hosts, DistributedExecutor(
             max_local_workers=args.workers, task_timeout=20, max_retries=3, kill_grace=0.3,
-            heartbeat_timeout=2.0, **options,
+            heartbeat_timeout=2.0, enable_remote=bool(hosts), **options,
         ) as ex:  # fmt: skip
             for event in ("task_complete", "task_failed", "task_cancelled"):
                 ex.register_callback(event, state.count)
+            for host in hosts:
+                ex.add_remote_worker(**host.options(), slots=2, heartbeat_timeout=2.0, reconnect_max=1.0)
             state.site = site.url if site else ""
-            broken += storm(ex, state)
+            frozen: list[psutil.Process] = []
+            broken += storm(ex, state, hosts, frozen)
             say("chaos over; waiting for the last tasks")
             ex.wait_for_tasks(list(state.kinds), timeout=180)
             ex.shutdown()
+            broken += thaw(frozen)
             stats = ex.get_stats()
             records = {task_id: ex.get_task(task_id) for task_id in state.kinds}
     finally:
@@ -72,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def storm(ex: DistributedExecutor, state: Run) -> list[str]:
+def storm(
+    ex: DistributedExecutor, state: Run, hosts: list[sshd.SSHServer], frozen: list[psutil.Process]
+) -> list[str]:
     """Keep tasks flowing and inject a fault every ``--every`` seconds; returns broken invariants."""
     args, rng = state.args, state.rng
     faults = sorted(name for name, (_, browser) in FAULTS.items() if state.site or not browser)
+    faults += sorted(REMOTE_FAULTS) if hosts else []
+    down: dict[sshd.SSHServer, float] = {}  # host -> when it comes back
     end = time.monotonic() + args.duration
     next_fault = next_fanout = time.monotonic() + 1.0
     broken: list[str] = []
@@ -91,9 +111,58 @@ def storm(ex: DistributedExecutor, state: Run) -> list[str]:
         if state.site and now >= next_fanout:
             fanout(ex, state)
             next_fanout = now + 2.0
+        for host, back in list(down.items()):
+            if now >= back:
+                host.start()
+                del down[host]
         if now >= next_fault:
             name = rng.choice(faults)
-            signum, browser = FAULTS[name]
-            state.chaos[name] += signal_random(stats, rng, signum, browser)
+            if name in REMOTE_FAULTS:
+                state.chaos[name] += fault_host(hosts, down, rng, REMOTE_FAULTS[name], now, frozen)
+            else:
+                signum, browser = FAULTS[name]
+                state.chaos[name] += signal_random(stats, rng, signum, browser)
             next_fault = now + args.every
+    for host in down:
+        host.start()  # so the pool ends with every host up
     return broken[:10]
+
+
+def fault_host(
+    hosts: list[sshd.SSHServer], down: dict[sshd.SSHServer, float], rng: random.Random,
+    signum: int | None, now: float, frozen: list[psutil.Process],
+) -> int:  # fmt: skip
+    """Signal a random remote agent, or take a host down (``signum`` None); 1 if done."""
+    up = [h for h in hosts if h not in down]
+    if not up:
+        return 0
+    host = rng.choice(up)
+    if signum is None:
+        host.kill()
+        down[host] = now + HOST_DOWN
+        return 1
+    agents = host.agents()
+    if not agents:
+        return 0
+    agent = rng.choice(agents)
+    try:
+        agent.send_signal(signum)
+    except psutil.NoSuchProcess:
+        return 0
+    if signum == signal.SIGSTOP:
+        frozen.append(agent)
+    return 1
+
+
+def thaw(frozen: list[psutil.Process]) -> list[str]:
+    """Continue the agents stopped on purpose: each must find its connection gone and end.
+
+    Their sshd sessions ended meanwhile, so they belong to init now: no leak check would see them.
+    """
+    for agent in frozen:
+        try:
+            agent.send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(frozen, timeout=10)
+    return [f"a remote agent (pid {p.pid}) stopped on purpose did not end once continued" for p in alive]

@@ -44,23 +44,17 @@ def run(args: argparse.Namespace) -> int:
         say("the remote scenario needs root and openssh-server (apt-get install openssh-server)")
         return 1
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the remote side need not have stress
-    with tempfile.TemporaryDirectory(prefix="procpool-ssh-") as tmp:
-        root = Path(tmp)
-        sshd.keygen(root / "user_key")
-        hosts = [sshd.SSHServer(root / name, root / "user_key") for name in ("a", "b")]
-        try:
-            figures = {**round_trips(hosts[0], args.calls), **losses(root), **throughput(hosts, args.tasks)}
-        finally:
-            for host in hosts:
-                host.kill()
+    with sshd.loopback_hosts(3) as hosts:
+        figures = {
+            **round_trips(hosts[0], args.calls),
+            **losses(hosts[2]),
+            **throughput(hosts[:2], args.tasks),
+        }
     return conclude("remote", figures, figure_table(figures))
 
 
 def add(ex: DistributedExecutor, host: sshd.SSHServer, **options: Any) -> list[str]:
-    names = ex.add_remote_worker(
-        "127.0.0.1", host.port, credentials=host.credentials, python=sys.executable,
-        known_hosts=str(host.known_hosts), **options,
-    )  # fmt: skip
+    names = ex.add_remote_worker(**host.options(), **options)
     deadline = time.monotonic() + 30
     while not all(ex.get_stats()["workers"][n]["state"] == "idle" for n in names):
         if time.monotonic() > deadline:
@@ -123,15 +117,11 @@ def round_trips(host: sshd.SSHServer, calls: int) -> dict[str, Any]:
     }
 
 
-def losses(root: Path) -> dict[str, Any]:
+def losses(server: sshd.SSHServer) -> dict[str, Any]:
     say("losses: a host killed, then an agent frozen ...")
-    server = sshd.SSHServer(root / "lost", root / "user_key")
-    try:
-        killed = time_to_rerun(server, lambda agent: server.kill())
-        server.start()
-        frozen = time_to_rerun(server, lambda agent: agent.send_signal(signal.SIGSTOP))
-    finally:
-        server.kill()
+    killed = time_to_rerun(server, lambda agent: server.kill())
+    server.start()
+    frozen = time_to_rerun(server, lambda agent: agent.send_signal(signal.SIGSTOP))
     return {
         "host killed: loss to task running elsewhere (s)": killed,
         f"agent frozen: loss to task running elsewhere, heartbeat_timeout={_HEARTBEAT:g} (s)": frozen,
@@ -146,7 +136,7 @@ def time_to_rerun(server: sshd.SSHServer, fail: Any) -> float:
         while ex.get_task(task_id).status is not TaskStatus.RUNNING:
             time.sleep(0.005)
         gate.touch()  # the local worker is free to take the task over
-        agent = next(p for p in server.sessions() if "procpool._remote.agent" in " ".join(p.cmdline()))
+        (agent,) = server.agents()
         start = time.time()  # wall clock, as the task record's started_at
         fail(agent)
         ex.get_task_result(task_id, timeout=30)

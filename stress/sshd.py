@@ -12,8 +12,13 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -66,6 +71,9 @@ class SSHServer:
             "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             "Subsystem sftp internal-sftp\nMaxStartups 100\nMaxSessions 50\nLogLevel ERROR\n"
+            # The login shell reads $HOME/.bashrc: this machine's own (it may start pyenv, which
+            # waits on a lock a killed login leaves behind) is not the test host's business.
+            f"SetEnv HOME={root}\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -73,6 +81,13 @@ class SSHServer:
     @property
     def credentials(self) -> dict[str, str]:
         return {"username": "root", "key": str(self.user_key)}
+
+    def options(self) -> dict[str, Any]:
+        """``add_remote_worker`` arguments to reach this server, with this interpreter on the other side."""
+        return {
+            "host": "127.0.0.1", "port": self.port, "credentials": self.credentials,
+            "python": sys.executable, "known_hosts": str(self.known_hosts),
+        }  # fmt: skip
 
     def start(self) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
@@ -112,8 +127,38 @@ class SSHServer:
         while any(_alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def agents(self) -> list[psutil.Process]:
+        """The procpool agents serving connections now (not their worker children)."""
+        found = {}
+        for proc in self.sessions():
+            try:
+                if "procpool._remote.agent" in " ".join(proc.cmdline()):
+                    found[proc.pid] = proc
+            except psutil.Error:
+                continue  # it ended meanwhile
+        return [p for p in found.values() if p.ppid() not in found]
+
     def sessions(self) -> list[psutil.Process]:
         """Processes serving connections now (sshd's children and theirs)."""
         if self.process is None:
             return []
         return psutil.Process(self.process.pid).children(recursive=True)
+
+
+@contextmanager
+def loopback_hosts(count: int) -> Iterator[list[SSHServer]]:
+    """``count`` servers on 127.0.0.1 that accept one user key; all killed at the end."""
+    if count == 0:
+        yield []
+        return
+    with tempfile.TemporaryDirectory(prefix="procpool-ssh-") as tmp:
+        root = Path(tmp)
+        keygen(root / "user_key")
+        hosts: list[SSHServer] = []
+        try:
+            for i in range(count):
+                hosts.append(SSHServer(root / f"host-{i}", root / "user_key"))
+            yield hosts
+        finally:
+            for host in hosts:
+                host.kill()

@@ -44,7 +44,7 @@ _BROKEN_EXIT = 3  # the worker child could not start (its initializer failed)
 class Agent:
     """Runs on the remote host; the one owner of its worker child."""
 
-    def __init__(self, inp: int, out: int, hello: tuple[Any, ...]) -> None:
+    def __init__(self, inp: int, out: int, hello: tuple[Any, ...], term: int) -> None:
         self.beat_every: float = hello[1]
         self.silence: float = hello[2]  # seconds without a frame from the link before giving up
         self.grace: float = hello[3]
@@ -57,6 +57,7 @@ class Agent:
         self.reader = FrameReader()
         self.selector = selectors.DefaultSelector()
         self.selector.register(inp, selectors.EVENT_READ, "link")
+        self.selector.register(term, selectors.EVENT_READ, "term")  # SIGTERM arrived
         self.child: Any = None  # multiprocessing.Process
         self.conn: Connection | None = None
         self.strays: list[Any] = []  # descendants of the child outside its group, at the deadline
@@ -86,6 +87,8 @@ class Agent:
             events = self.selector.select(max(0.0, self.next_due() - now))
             generation = self.generation
             for key, _ in events:
+                if key.data == "term":
+                    return
                 if key.data != "link" and self.generation != generation:
                     continue  # the child was replaced in this round: its new one may reuse these fds
                 if key.data == "link":
@@ -205,8 +208,6 @@ class Agent:
 
     def close(self) -> None:
         """Kill the child's group (the task and whatever it started)."""
-        # The parent-death SIGTERM often lands now, as the connection closes: it must not cut this short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.child is not None:
             signal_group(self.child.pid, signal.SIGKILL, escapees(self.child.pid))
             self.child.join(1.0)
@@ -215,6 +216,7 @@ class Agent:
 def _child_main(conn: Connection, initializer: bytes | None) -> None:
     """The worker child: run tasks one at a time, as a local worker does."""
     _worker.remote = True
+    signal.set_wakeup_fd(-1)  # the agent's SIGTERM pipe is not this process's
     os.setpgid(0, 0)
     set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -242,25 +244,26 @@ def main() -> None:
     os.dup2(null, 0)
     os.dup2(2, 1)  # a task's print() must not corrupt the frame stream
     sys.stdout = sys.stderr
-    set_parent_death_signal(signal.SIGTERM)  # sshd's session process went away
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGTERM (also sshd's session ending: the parent-death signal) only wakes the loop through
+    # this pipe: a handler that raised could cut the cleanup short and leave the child running.
+    term_r, term_w = os.pipe()
+    os.set_blocking(term_w, False)
+    signal.set_wakeup_fd(term_w)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGTERM)
     os.write(out, MARKER)
     reader = FrameReader(lambda n: os.read(inp, n))
     agent: Agent | None = None
     code = 0
     try:
         hello = reader.read()
-        agent = Agent(inp, out, hello)
+        agent = Agent(inp, out, hello, term_r)
         agent.reader = reader
         agent.serve()
     except (EOFError, OSError):
         pass  # the channel closed
-    except SystemExit as exc:
+    except SystemExit as exc:  # its worker child could not start
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         if agent is not None:

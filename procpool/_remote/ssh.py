@@ -29,10 +29,17 @@ from typing import Any
 
 import cloudpickle
 import fabric
+import invoke.exceptions
 import paramiko
 import psutil
 
-from .._errors import RemoteAuthError, RemoteConnectError, RemoteHostKeyError, RemoteVersionError
+from .._errors import (
+    RemoteAuthError,
+    RemoteConnectError,
+    RemoteHostKeyError,
+    RemoteVersionError,
+    RemoteWorkerError,
+)
 from .hosts import RemoteHost
 
 __all__ = ("Session", "check_host", "open_agent")
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 AGENT_MODULE = "procpool._remote.agent"
 _SHIP_ROOT = ".cache/procpool"  # under the remote user's home
 _SHIP_TIMEOUT = 120.0  # seconds for one step of shipping (a venv, an upload, an unpack)
+_PROBE_TIMEOUT = 60.0  # seconds for the version check: a Python importing procpool on a busy host
 # Prints what must match, as one JSON line; the import error, if any, as text.
 _PROBE = (
     "import json, platform, sys\n"
@@ -190,6 +198,8 @@ def _errors(host: RemoteHost) -> Iterator[None]:
     who = f"{host.credentials.username}@{host.address}"
     try:
         yield
+    except RemoteWorkerError:
+        raise  # ours already (a RemoteConnectError is an OSError too)
     except paramiko.BadHostKeyException as exc:
         where = host.known_hosts or "~/.ssh/known_hosts"
         raise RemoteHostKeyError(
@@ -217,13 +227,18 @@ def _safe(exc: BaseException) -> str:
 
 def _run(session: Session, host: RemoteHost, command: str, timeout: float) -> tuple[int, str, str]:
     with _errors(host):
-        result = session.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
+        try:
+            result = session.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
+        except invoke.exceptions.CommandTimedOut:
+            raise RemoteConnectError(
+                f"a check on {host.address} did not finish within {timeout:g} s (is the host overloaded?)"
+            ) from None
     return result.exited, result.stdout, result.stderr
 
 
 def _check_versions(session: Session, host: RemoteHost) -> None:
     python = shlex.quote(host.python)
-    code, out, err = _run(session, host, f"{python} -c {shlex.quote(_PROBE)}", host.connect_timeout)
+    code, out, err = _run(session, host, f"{python} -c {shlex.quote(_PROBE)}", _PROBE_TIMEOUT)
     where = f"{host.python} on {host.address}"
     lines = out.strip().splitlines()
     if code != 0 or not lines:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +147,15 @@ def test_a_closed_channel_ends_the_agent_and_its_task(agent: Driver, tmp_path: P
     grandchild = start_hanging(agent, tmp_path)
     assert agent.process.stdin is not None
     agent.process.stdin.close()
+    assert agent.process.wait(10) == 0
+    assert wait_until(lambda: not pid_alive(grandchild), 5)
+
+
+def test_sigterm_ends_the_agent_and_its_task(agent: Driver, tmp_path: Path) -> None:
+    # As when sshd's session ends (the parent-death signal), repeatedly: no handler may cut the cleanup short.
+    grandchild = start_hanging(agent, tmp_path)
+    for _ in range(3):
+        agent.process.send_signal(signal.SIGTERM)
     assert agent.process.wait(10) == 0
     assert wait_until(lambda: not pid_alive(grandchild), 5)
 

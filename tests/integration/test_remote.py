@@ -87,10 +87,7 @@ def hosts(keys: Path) -> Iterator[tuple[sshd.SSHServer, sshd.SSHServer]]:
 
 
 def add(executor: DistributedExecutor, server: sshd.SSHServer, **options: object) -> list[str]:
-    options.setdefault("python", sys.executable)
-    options.setdefault("known_hosts", str(server.known_hosts))
-    options.setdefault("credentials", server.credentials)
-    return executor.add_remote_worker("127.0.0.1", server.port, **options)  # type: ignore[arg-type]
+    return executor.add_remote_worker(**{**server.options(), **options})
 
 
 @pytest.fixture

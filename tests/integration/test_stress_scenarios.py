@@ -59,3 +59,11 @@ def test_remote_measures_round_trips_losses_and_throughput(tmp_path: Path) -> No
     figures = report["figures"]
     assert figures["host killed: loss to task running elsewhere (s)"] < 2.0  # noticed at once, not by silence
     assert figures["tiny tasks/s, 2 hosts x 2 slots"] > 0
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(not sshd.available(), reason="needs root and openssh-server")
+def test_chaos_with_remote_hosts_survives_agents_and_hosts_lost(tmp_path: Path) -> None:
+    options = ("--no-browser", "--remote", "1", "--duration", "8", "--every", "0.3", "--seed", "5")
+    report = scenario(tmp_path, "chaos", *options)
+    assert sum(report["faults"].get(f, 0) for f in ("agent SIGKILL", "agent SIGSTOP", "host down")) >= 3
