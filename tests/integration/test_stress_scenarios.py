@@ -64,6 +64,8 @@ def test_remote_measures_round_trips_losses_and_throughput(tmp_path: Path) -> No
 @pytest.mark.ssh
 @pytest.mark.skipif(not sshd.available(), reason="needs root and openssh-server")
 def test_chaos_with_remote_hosts_survives_agents_and_hosts_lost(tmp_path: Path) -> None:
-    options = ("--no-browser", "--remote", "1", "--duration", "8", "--every", "0.3", "--seed", "5")
+    options = ("--no-browser", "--remote", "2", "--duration", "8", "--every", "0.3", "--seed", "5")
     report = scenario(tmp_path, "chaos", *options)
-    assert sum(report["faults"].get(f, 0) for f in ("agent SIGKILL", "agent SIGSTOP", "host down")) >= 3
+    # A fault counts only if it found a target: an agent may be reconnecting, a host down already.
+    assert sum(report["faults"].get(f, 0) for f in ("agent SIGKILL", "agent SIGSTOP", "host down")) >= 1
+    assert sum(report["faults"].values()) >= 5
