@@ -129,14 +129,14 @@ class SSHServer:
 
     def agents(self) -> list[psutil.Process]:
         """The procpool agents serving connections now (not their worker children)."""
-        found = {}
+        found = {}  # pid -> (process, parent pid)
         for proc in self.sessions():
             try:
                 if "procpool._remote.agent" in " ".join(proc.cmdline()):
-                    found[proc.pid] = proc
+                    found[proc.pid] = (proc, proc.ppid())
             except psutil.Error:
                 continue  # it ended meanwhile
-        return [p for p in found.values() if p.ppid() not in found]
+        return [proc for proc, parent in found.values() if parent not in found]
 
     def sessions(self) -> list[psutil.Process]:
         """Processes serving connections now (sshd's children and theirs)."""
