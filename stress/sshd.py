@@ -75,7 +75,7 @@ class SSHServer:
             # waits on a lock a killed login leaves behind) is not the test host's business.
             f"SetEnv HOME={root}\n"
         )
-        self.process: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None  # of sshd, while it runs
         self.start()
 
     @property
@@ -92,27 +92,27 @@ class SSHServer:
     def start(self) -> None:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
         # setpriv: sshd dies with whatever started it, even if that was SIGKILLed.
+        # posix_spawn, not subprocess: Popen waits on a pipe until exec closes it, and a pool
+        # worker forked meanwhile by another thread keeps a copy of that pipe for its whole life.
         command = ["setpriv", "--pdeathsig", "KILL", SSHD, "-D", "-f", str(self.config)]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        stdin = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        self.pid = os.posix_spawnp(command[0], command, os.environ, file_actions=stdin)
         deadline = time.monotonic() + _START_WAIT
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
+                if os.waitpid(self.pid, os.WNOHANG) != (0, 0) or time.monotonic() > deadline:
                     raise RuntimeError(f"sshd did not start on port {self.port}") from None
                 time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL sshd and every session, agent and task under it: the host is down."""
-        if self.process is None:
+        if self.pid is None:
             return
         try:
-            tree = [
-                psutil.Process(self.process.pid),
-                *psutil.Process(self.process.pid).children(recursive=True),
-            ]
+            tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
         for proc in tree:
@@ -120,8 +120,11 @@ class SSHServer:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        self.process.wait()
-        self.process = None
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass  # reaped already, when it failed to start
+        self.pid = None
         # The rest are init's to reap (here maybe never): dead is enough.
         deadline = time.monotonic() + _START_WAIT
         while any(_alive(p) for p in tree) and time.monotonic() < deadline:
@@ -140,9 +143,9 @@ class SSHServer:
 
     def sessions(self) -> list[psutil.Process]:
         """Processes serving connections now (sshd's children and theirs)."""
-        if self.process is None:
+        if self.pid is None:
             return []
-        return psutil.Process(self.process.pid).children(recursive=True)
+        return psutil.Process(self.pid).children(recursive=True)
 
 
 @contextmanager
