@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     state = Run(args, random.Random(args.seed))
     site, options = browsers_for(args)
     broken: list[str] = []
+    frozen: list[psutil.Process] = []  # agents stopped on purpose
     try:
         with sshd.loopback_hosts(args.remote) as hosts, DistributedExecutor(
             max_local_workers=args.workers, task_timeout=20, max_retries=3, kill_grace=0.3,
@@ -64,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
             for host in hosts:
                 ex.add_remote_worker(**host.options(), slots=2, heartbeat_timeout=2.0, reconnect_max=1.0)
             state.site = site.url if site else ""
-            frozen: list[psutil.Process] = []
             broken += storm(ex, state, hosts, frozen)
             say("chaos over; waiting for the last tasks")
             ex.wait_for_tasks(list(state.kinds), timeout=180)
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if site is not None:
             site.close()
+        thaw(frozen)  # again, if the run broke off: a stopped orphan would wait for ever
     problems = broken + check(state.kinds, records, state.terminal, stats)
     problems += [f"left behind: {item}" for item in leftovers()]
     say("\n" + table(["fault injected", "count"], sorted(state.chaos.items())))

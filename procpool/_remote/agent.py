@@ -193,7 +193,8 @@ class Agent:
     def start_child(self) -> None:
         ctx = multiprocessing.get_context("fork")  # the agent is single-threaded: fork is safe
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_child_main, args=(child, self.initializer), name="procpool-remote")
+        args = (child, parent, os.getpid(), self.initializer)
+        process = ctx.Process(target=_child_main, args=args, name="procpool-remote")
         process.start()
         child.close()
         assert process.pid is not None
@@ -213,12 +214,15 @@ class Agent:
             self.child.join(1.0)
 
 
-def _child_main(conn: Connection, initializer: bytes | None) -> None:
+def _child_main(conn: Connection, agents_end: Connection, agent: int, initializer: bytes | None) -> None:
     """The worker child: run tasks one at a time, as a local worker does."""
+    agents_end.close()  # else a dead agent's pipe never reads as closed here
     _worker.remote = True
     signal.set_wakeup_fd(-1)  # the agent's SIGTERM pipe is not this process's
     os.setpgid(0, 0)
     set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != agent:
+        os._exit(1)  # the agent died before the guard was armed
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if initializer is not None:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import cloudpickle
 import faults
+import psutil
 import pytest
 from conftest import pid_alive, wait_until
 
@@ -158,6 +159,13 @@ def test_sigterm_ends_the_agent_and_its_task(agent: Driver, tmp_path: Path) -> N
         agent.process.send_signal(signal.SIGTERM)
     assert agent.process.wait(10) == 0
     assert wait_until(lambda: not pid_alive(grandchild), 5)
+
+
+def test_a_killed_agent_takes_its_worker_child_along(agent: Driver) -> None:
+    (child,) = psutil.Process(agent.process.pid).children()
+    agent.process.kill()
+    agent.process.wait(10)
+    assert wait_until(lambda: not pid_alive(child.pid), 5)
 
 
 def test_a_failing_initializer_ends_the_agent() -> None:
