@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any
 
+from .._errors import ExecutorShutdownError
 from .hosts import RemoteHost, build_host
 
 __all__ = ("add_host", "remove_host")
@@ -46,8 +47,6 @@ def remove_host(supervisor: Any, host: str, port: int, timeout: float | None) ->
 def _on_supervisor(
     supervisor: Any, call: Any, result: concurrent.futures.Future[Any], timeout: float | None
 ) -> Any:
-    from .._errors import ExecutorShutdownError
-
     if not supervisor.call(call):
         raise ExecutorShutdownError("the executor has shut down")
     try:

@@ -25,6 +25,7 @@ import selectors
 import signal
 import sys
 import time
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -44,7 +45,7 @@ _BROKEN_EXIT = 3  # the worker child could not start (its initializer failed)
 class Agent:
     """Runs on the remote host; the one owner of its worker child."""
 
-    def __init__(self, inp: int, out: int, hello: tuple[Any, ...], term: int) -> None:
+    def __init__(self, inp: int, out: int, reader: FrameReader, hello: tuple[Any, ...], term: int) -> None:
         self.beat_every: float = hello[1]
         self.silence: float = hello[2]  # seconds without a frame from the link before giving up
         self.grace: float = hello[3]
@@ -54,7 +55,7 @@ class Agent:
         self.ran = 0  # tasks the current child ran
         self.generation = 0  # children started so far: events of a replaced child are stale
         self.inp, self.out = inp, out
-        self.reader = FrameReader()
+        self.reader = reader  # it read the hello: any frame after it is buffered there
         self.selector = selectors.DefaultSelector()
         self.selector.register(inp, selectors.EVENT_READ, "link")
         self.selector.register(term, selectors.EVENT_READ, "term")  # SIGTERM arrived
@@ -229,8 +230,6 @@ def _child_main(conn: Connection, agents_end: Connection, agent: int, initialize
             fn, args, kwargs = load_call(initializer)
             fn(*args, **kwargs)
         except BaseException:  # noqa: BLE001 - the traceback goes to the link's stderr
-            import traceback
-
             traceback.print_exc()
             os._exit(_BROKEN_EXIT)
     while True:
@@ -262,8 +261,7 @@ def main() -> None:
     code = 0
     try:
         hello = reader.read()
-        agent = Agent(inp, out, hello, term_r)
-        agent.reader = reader
+        agent = Agent(inp, out, reader, hello, term_r)
         agent.serve()
     except (EOFError, OSError):
         pass  # the channel closed

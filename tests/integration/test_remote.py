@@ -55,13 +55,6 @@ def _agents() -> set[psutil.Process]:
     return found
 
 
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(autouse=True)
 def no_stray_agents() -> Iterator[None]:
     """No agent or its worker outlives its connection (orphans escape the children check)."""
@@ -344,7 +337,7 @@ def test_nothing_outlives_a_caller_killed_with_sigkill_on_the_host(hosts: Hosts,
         assert len(on_host) == 3  # the agent, its worker child and the task's grandchild
         caller.kill()
         caller.wait(10)
-        assert wait_until(lambda: not any(_running(p) for p in on_host), 15), on_host
+        assert wait_until(lambda: not any(pid_alive(p.pid) for p in on_host), 15), on_host
     finally:
         end_process(caller)
 
@@ -375,7 +368,7 @@ def test_a_frozen_host_is_given_up_after_its_heartbeat_timeout(make_executor: Ma
         assert executor.wait_for_tasks(ids, timeout=30) == list(range(4))
     finally:
         agent.send_signal(signal.SIGCONT)  # it then finds its connection gone and ends
-    assert wait_until(lambda: not _running(agent), 10)
+    assert wait_until(lambda: not pid_alive(agent.pid), 10)
 
 
 def test_a_refused_password_fails_fast_and_is_never_shown(
