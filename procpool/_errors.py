@@ -13,7 +13,8 @@
     │   ├── RemoteHostKeyError                    its host key is unknown or has changed
     │   └── RemoteVersionError                    its Python, procpool or cloudpickle differs
     ├── ExecutorShutdownError (RuntimeError) a call was made after shutdown()
-    └── BrokenPoolError (BrokenExecutor)     the manager process died: the pool cannot go on
+    └── BrokenPoolError (BrokenExecutor)     the pool cannot go on: its manager process died,
+                                             or its initializer keeps raising
 
 A task's own exception reaches the caller unchanged, with the worker's
 traceback attached as ``__cause__`` (a ``RemoteTraceback``).
@@ -66,7 +67,10 @@ class ExecutorShutdownError(ProcpoolError, RuntimeError):
 
 
 class BrokenPoolError(ProcpoolError, BrokenExecutor):
-    """The manager process that holds the queue died; no task can run any more."""
+    """No task can run any more: the manager process died, or the initializer keeps raising.
+
+    For an initializer, its exception is the ``__cause__``.
+    """
 
 
 class RemoteTaskError(ProcpoolError):

@@ -39,6 +39,7 @@ class TaskEvents:
         ex: DistributedExecutor
         ledger: Ledger
         queue: TaskQueueProxy | None
+        _init_failures: int
         timers: Timers
         workers: dict[int, Worker]
 
@@ -54,6 +55,7 @@ class TaskEvents:
         """Mark a task running on ``w``; returns it, or None if that attempt no longer counts."""
         w.lease = (task_id, attempt)
         w.ran_any = True
+        self._init_failures = 0
         if w.lease == w.doomed:
             w.fenced = True
         task = self.ex._tasks.get(task_id)
@@ -93,7 +95,7 @@ class TaskEvents:
             self.ledger.move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
             return
         error = rebuild_error(blob, type_name, text, tb)
-        self._fail_attempt(task, w.name, error, retryable=retryable, elapsed=elapsed)
+        self._fail_attempt(task, w.name, error, retryable=retryable and task.retry_errors, elapsed=elapsed)
 
     def _fail_attempt(
         self, task: Task, worker: str, error: BaseException, retryable: bool, elapsed: float | None = None
@@ -142,11 +144,14 @@ class TaskEvents:
             task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed
         )
 
-    def cancel(self, task_id: str) -> bool:
-        """Cancel a task (on the supervisor thread). True if it will not complete."""
-        task = self.ex._tasks[task_id]
-        if task.status in TERMINAL:
-            return False
+    def cancel(self, task_id: str, kill: bool = True) -> bool:
+        """Cancel a task (on the supervisor thread). True if it will not complete.
+
+        With ``kill=False`` only a task that has not started is cancelled.
+        """
+        task = self.ex._tasks.get(task_id)
+        if task is None or task.status in TERMINAL:
+            return False  # it ended (and was let go) meanwhile
         holder: str | None = task.worker if task.status is TaskStatus.RUNNING else None
         if holder is None:
             assert self.queue is not None
@@ -155,6 +160,8 @@ class TaskEvents:
             if where is None:
                 return False  # it already ran to the end; its result is on the way
             holder = None if where == "removed" else where
+        if holder is not None and not kill:
+            return False  # a worker holds it: it has begun, its "started" not read yet
         if holder is not None:
             w = self._worker_named(holder)
             if w is not None:
@@ -167,10 +174,10 @@ class TaskEvents:
     def close(self, cancel_pending: bool) -> None:
         """Stop taking work; end once every task is finished (on the supervisor thread)."""
         self._closing = True
-        if cancel_pending:
+        if cancel_pending:  # only what has not begun: a task a worker holds runs to its end
             for task in list(self.ex._tasks.values()):
                 if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
-                    self.cancel(task.task_id)
+                    self.cancel(task.task_id, kill=False)
 
     def _worker_named(self, name: str | None) -> Worker | None:
         for w in self.workers.values():

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._callbacks import Callbacks
@@ -68,8 +70,10 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         initializer: called with ``initargs`` in each worker process as it
             starts, before its first task (and before its memory baseline is
             taken). Start-up, this call included, must end within
-            ``heartbeat_timeout``. A worker whose initializer raises exits
-            and is restarted with a backoff.
+            ``heartbeat_timeout``. ``initargs`` travel as process arguments,
+            so they may hold multiprocessing queues and locks. An initializer
+            that raises in several workers in a row breaks the pool
+            (``BrokenPoolError``, carrying its exception).
         companion: a factory, called in the manager process with a worker
             slot number, that starts a process to serve that slot's workers
             (``sessions.pinned_browsers()`` starts a browser). It outlives
@@ -80,6 +84,9 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             Local workers only.
         max_remote_workers: remote worker slots the pool can hold, over all
             hosts (with ``enable_remote``).
+        max_workers, mp_context, max_tasks_per_child: the names
+            ``ProcessPoolExecutor`` uses for ``max_local_workers``,
+            ``start_method`` (a context) and ``max_tasks_per_worker``.
 
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
@@ -104,7 +111,14 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         initargs: Sequence[object] = (),
         companion: Callable[[int], object] | None = None,
         max_remote_workers: int = 16,
+        max_workers: int | None = None,
+        mp_context: BaseContext | None = None,
+        max_tasks_per_child: int | None = None,
     ) -> None:
+        max_local_workers = _alias("max_workers", max_workers, "max_local_workers", max_local_workers, 3) or 0
+        max_tasks_per_worker = _alias(
+            "max_tasks_per_child", max_tasks_per_child, "max_tasks_per_worker", max_tasks_per_worker, None
+        )
         self._config = Config.build(
             max_local_workers=max_local_workers,
             task_timeout=task_timeout,
@@ -113,6 +127,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             max_tasks_per_worker=max_tasks_per_worker,
             kill_grace=kill_grace,
             start_method=start_method,
+            mp_context=mp_context,
             heartbeat_timeout=heartbeat_timeout,
             memory_sample_interval=memory_sample_interval,
             max_worker_memory_mb=max_worker_memory_mb,
@@ -120,15 +135,16 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             memory_threshold_mb=memory_threshold_mb,
             max_remote_workers=max_remote_workers,
         )
-        self._initializer = (
-            None if initializer is None else _pickle("initializer: ", {}, initializer, initargs, None)
-        )
+        self._initializer = _pickle_initializer(initializer, initargs)
+        self._initargs = tuple(initargs)  # Process arguments: inherited, or pickled by multiprocessing
+        self._init_call = (initializer, self._initargs)
         self._companion = _pickle_companion(companion)
         warm_up = getattr(companion, "warm_up", None)  # the companion's own preparation in each worker
         self._warm_up = _pickle("companion warm-up: ", {}, warm_up, (), None) if callable(warm_up) else None
         self._authkey = os.urandom(32)
         self._tasks: dict[str, Task] = {}
         self._seq = itertools.count(1)
+        self._last_seq = 0  # the highest task number given out: ids up to it were seen
         self._submit_lock = threading.Lock()  # orders submissions against shutdown and breakage
         self._closed: BaseException | None = None  # why no more submissions are taken
         self._final_stats: dict[str, Any] | None = None
@@ -174,7 +190,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             ValueError: unknown priority, or a timeout that is not above zero.
             ExecutorShutdownError: after ``shutdown()``. BrokenPoolError: the pool broke.
         """
-        return self._submit_many([(function, args, kwargs)], priority, timeout)[0].task_id
+        return self._submit_many([(function, args, kwargs)], priority, timeout, "")[0].task_id
 
     def submit_batch(
         self,
@@ -192,11 +208,51 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
                 raise ValueError(f"batch item {index} must be a (function, args, kwargs) tuple, not {item!r}")
             items.append(item + ((), None)[len(item) - 1 :])
-        return [task.task_id for task in self._submit_many(items, priority, timeout, batch=True)]
+        return [task.task_id for task in self._submit_many(items, priority, timeout, "batch item ")]
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """``concurrent.futures.Executor.submit``: queue at NORMAL priority, return a Future."""
-        return self._submit_many([(fn, args, kwargs)], TaskPriority.NORMAL, None)[0].future
+        """``concurrent.futures.Executor.submit``: queue at NORMAL priority, return a Future.
+
+        As in ``concurrent.futures``, a callable that raises runs once and its
+        exception is the Future's (``submit_task`` retries instead); a task whose
+        worker died is still retried. The executor keeps no record of the task
+        once it ends: the Future holds its outcome.
+        """
+        return self._submit_many([(fn, args, kwargs)], TaskPriority.NORMAL, None, "", futures_api=True)[
+            0
+        ].future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """``concurrent.futures.Executor.map``: results in order; ``chunksize`` items travel per task.
+
+        Every call is queued at once (one batch); a call that raises runs once
+        and its exception comes out of the iterator. ``timeout`` counts from
+        this call; the iterator raises TimeoutError past it and cancels what
+        has not started.
+
+        Raises:
+            ValueError: ``chunksize`` is below 1.
+        """
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
+        end = None if timeout is None else time.monotonic() + timeout
+        calls = list(zip(*iterables))  # noqa: B905 - map stops at the shortest, as the builtin does
+        if chunksize == 1:
+            items = [(fn, args, None) for args in calls]
+        else:
+            runner = functools.partial(_run_chunk, fn)  # one object: pickled once for every chunk
+            items = [(runner, (calls[i : i + chunksize],), None) for i in range(0, len(calls), chunksize)]
+        tasks = self._submit_many(items, TaskPriority.NORMAL, None, "map item ", futures_api=True)
+        futures: list[concurrent.futures.Future[Any]] = [task.future for task in tasks]
+        del tasks
+        results = _results_in_order(futures, end)
+        return results if chunksize == 1 else itertools.chain.from_iterable(results)
 
     async def run_async(
         self,
@@ -210,7 +266,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
 
         Cancelling the awaiting coroutine cancels the task (killing it if running).
         """
-        task = self._submit_many([(function, args, kwargs)], priority, timeout)[0]
+        task = self._submit_many([(function, args, kwargs)], priority, timeout, "")[0]
         return await asyncio.wrap_future(task.future)
 
     def _submit_many(
@@ -218,24 +274,23 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         items: Sequence[tuple[Any, Any, Any]],
         priority: object,
         timeout: float | None,
-        batch: bool = False,
+        where: str,
+        futures_api: bool = False,
     ) -> list[Task]:
         prio = check_priority(priority)
         deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
         blobs: dict[int, bytes] = {}  # a batch pickles each distinct function once
-        payloads = [
-            _pickle(f"batch item {i}: " if batch else "", blobs, *item) for i, item in enumerate(items)
-        ]
+        payloads = [_pickle(f"{where}{i}: " if where else "", blobs, *item) for i, item in enumerate(items)]
         now = time.time()
         with self._submit_lock:
             if self._closed is not None:
                 raise self._closed
             tasks = []
             for (fn, _, _), payload in zip(items, payloads, strict=True):
-                seq = next(self._seq)
+                seq = self._last_seq = next(self._seq)
                 task_id = f"task-{seq}"
-                future = TaskFuture(task_id, self)
-                tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now))
+                future = TaskFuture(task_id, self, kills=not futures_api)
+                tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now, futures_api))
             self._count_new(tasks)
             for task in tasks:
                 self._tasks[task.task_id] = task
@@ -316,11 +371,14 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         """
         if self._task(task_id).status in TERMINAL:
             return False
+        return self._cancel(task_id, kill=True)
+
+    def _cancel(self, task_id: str, kill: bool) -> bool:
         reply: concurrent.futures.Future[bool] = concurrent.futures.Future()
 
         def run() -> None:
             try:
-                reply.set_result(self._supervisor.cancel(task_id))
+                reply.set_result(self._supervisor.cancel(task_id, kill))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 reply.set_exception(exc)
 
@@ -337,7 +395,16 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         try:
             return self._tasks[task_id]
         except KeyError:
-            raise KeyError(f"unknown task id {task_id!r}") from None
+            raise KeyError(self._why_unknown(task_id)) from None
+
+    def _why_unknown(self, task_id: object) -> str:
+        if isinstance(task_id, str) and task_id.startswith("task-") and task_id[5:].isdecimal():
+            if 0 < int(task_id[5:]) <= self._last_seq:
+                return (
+                    f"task id {task_id!r} was released: it was made by submit() or map(), "
+                    f"whose Future alone keeps the outcome once the task ends"
+                )
+        return f"unknown task id {task_id!r}"
 
     # -- callbacks and stats ---------------------------------------------------
 
@@ -371,6 +438,21 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                     view["host"] = hosts[name]
         return stats
 
+    @functools.cached_property
+    def _remote_initializer(self) -> bytes | None:
+        """The initializer with its arguments as one payload, for remote workers (cloudpickle).
+
+        Raises:
+            TypeError: they cannot travel to another machine (a multiprocessing queue, say).
+        """
+        fn, args = self._init_call
+        return None if fn is None else _pickle("initializer for remote workers: ", {}, fn, args, None)
+
+    @property
+    def _broken(self) -> BrokenPoolError | bool:
+        # ProcessPoolExecutor's attribute (its tests and some callers read it): the error, or False.
+        return self._closed if isinstance(self._closed, BrokenPoolError) else False
+
     @property
     def metrics_block(self) -> str:
         """Name of the shared-memory block that other processes can watch."""
@@ -387,7 +469,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         """
         with self._submit_lock:
             if self._closed is None:
-                self._closed = ExecutorShutdownError("cannot submit tasks after shutdown()")
+                self._closed = ExecutorShutdownError("cannot schedule new futures after shutdown")
         self._supervisor.call(lambda: self._supervisor.close(cancel_futures))  # False once it ended
         if wait:
             self._finish()
@@ -435,6 +517,57 @@ def _pickle(where: str, blobs: dict[int, bytes], fn: Any, args: Any, kwargs: Any
         return dump_call(fn_blob, tuple(args), kwargs or {})
     except Exception as exc:
         raise TypeError(f"{where}cannot pickle task {_name(fn)} or its arguments: {exc}") from exc
+
+
+def _alias(name: str, value: int | None, ours: str, our_value: int | None, default: int | None) -> int | None:
+    """Accept ProcessPoolExecutor's name for a setting; its errors name what the caller wrote."""
+    if value is None:
+        return our_value
+    if our_value != default and our_value != value:
+        raise ValueError(f"give {name} or {ours}, not both")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than 0, not {value}")
+    return value
+
+
+def _pickle_initializer(fn: object, initargs: object) -> bytes | None:
+    """The initializer alone, by value (a lambda or a ``__main__`` function works under spawn)."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"initializer must be callable, not {type(fn).__name__}")
+    if not isinstance(initargs, (tuple, list)):
+        raise TypeError(f"initargs must be a tuple or list, not {type(initargs).__name__}")
+    try:
+        return dump_function(fn)
+    except Exception as exc:
+        raise TypeError(f"cannot pickle the initializer {_name(fn)}: {exc}") from exc
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+def _results_in_order(futures: list[concurrent.futures.Future[Any]], end: float | None) -> Iterator[Any]:
+    # As concurrent.futures does: the caller's iterator holds no result it has yielded,
+    # and whatever is left when it stops (a timeout, an error, a close) is cancelled.
+    futures.reverse()
+    try:
+        while futures:
+            yield _result_or_cancel(futures.pop(), end)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _result_or_cancel(future: concurrent.futures.Future[Any], end: float | None) -> Any:
+    try:
+        return future.result(None if end is None else end - time.monotonic())
+    finally:
+        future.cancel()  # a no-op once it is done
+        del future  # no reference from here to the result or its traceback
 
 
 def _pickle_companion(factory: object) -> bytes | None:

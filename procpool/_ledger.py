@@ -38,9 +38,10 @@ EVENT_OF = {
 class Ledger:
     """Moves tasks between states and keeps the pool counters in step."""
 
-    def __init__(self, block: metrics.MetricsBlock, callbacks: Callbacks) -> None:
+    def __init__(self, block: metrics.MetricsBlock, callbacks: Callbacks, tasks: dict[str, Task]) -> None:
         self.metrics = block
         self.callbacks = callbacks
+        self.tasks = tasks  # the executor's records by id; a task not kept leaves it when it ends
 
     def unfinished(self) -> int:
         """Tasks not yet in a terminal state (queued, retrying or running)."""
@@ -75,6 +76,8 @@ class Ledger:
         self.metrics.publish()
         if status in TERMINAL:
             task.payload = None
+            if not task.keep:
+                self.tasks.pop(task.task_id, None)
             self._settle_future(task, rec)
         self.callbacks.fire(EVENT_OF.get(status), rec)
 

@@ -22,6 +22,7 @@ from ._metrics import active_worker_pids
 
 __all__ = (
     "escapees",
+    "guard_owner",
     "kill_worker_groups",
     "set_parent_death_signal",
     "signal_group",
@@ -43,6 +44,31 @@ def set_parent_death_signal(signum: int) -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     return libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0  # type: ignore[no-any-return]
+
+
+def guard_owner(signum: int, owner_pid: int) -> bool:
+    """Arm the parent-death signal so this process follows its owner; False if the owner is gone.
+
+    Under fork and spawn the parent is the owner. Under forkserver the parent is
+    the fork server, which exits when the owner does (its "alive" pipe closes),
+    so the signal still follows the owner, one step later. The parent is read
+    before arming: had it died before, the signal would be tied to a reaper.
+    """
+    parent = os.getppid()
+    set_parent_death_signal(signum)
+    if os.getppid() != parent:
+        return False  # the parent died before the signal was armed
+    return parent == owner_pid or _alive(owner_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def escapees(pid: int) -> list[psutil.Process]:

@@ -30,7 +30,7 @@ import cloudpickle
 
 from ._companions import Companions
 from ._memory import Sampler
-from ._process import kill_worker_groups, set_parent_death_signal
+from ._process import guard_owner, kill_worker_groups
 
 __all__ = ("STOP", "QueueManager", "TaskQueue", "TaskQueueProxy", "connect_queue")
 
@@ -197,7 +197,7 @@ def init_manager(
 ) -> None:
     """Initializer run in the manager process before it serves."""
     global _companions
-    set_parent_death_signal(signal.SIGTERM)
+    owner_alive = guard_owner(signal.SIGTERM, parent_pid)
     if companion is not None:
         _companions = Companions(cloudpickle.loads(companion))
     if sample_interval is not None:
@@ -213,7 +213,7 @@ def init_manager(
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_parent_death)
-    if os.getppid() != parent_pid:  # the caller died before the signal was armed
+    if not owner_alive:  # the caller died before the signal was armed
         on_parent_death(signal.SIGTERM, None)
 
 

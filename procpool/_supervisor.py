@@ -42,7 +42,7 @@ from ._errors import (
 )
 from ._events import TaskEvents
 from ._health import heartbeat_interval
-from ._ledger import Ledger
+from ._ledger import Ledger, rebuild_error
 from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
+# Initializer failures in a row (no task started meanwhile) that break the pool: a few, so
+# a flaky one gets another chance, and few enough that futures fail within a second.
+_INIT_FAILURES_TO_BREAK = 3
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class Worker:
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
     host: RemoteHost | None = None  # for a remote slot's link process: its host
+    init_error: BaseException | None = None  # what its initializer raised, if it did
 
     def readable(self) -> bool:
         return bool(self.poller.poll(0))
@@ -111,12 +115,14 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         self._ended = False
         self._closing = False
         self._broken: BrokenPoolError | None = None
+        self._manager_gone = False
+        self._init_failures = 0  # initializer failures since a task last started
         slots = self.cfg.max_local_workers + self.cfg.max_remote_workers
         self._crashes = [0] * slots  # early deaths in a row, per slot
         self._restarts = [0] * slots
         self._init_remote()
         self._generation = itertools.count()
-        self.ledger = Ledger(self.metrics, executor._callbacks)
+        self.ledger = Ledger(self.metrics, executor._callbacks, executor._tasks)
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
 
     # -- messages from other threads -------------------------------------
@@ -201,7 +207,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             spec = WorkerSpec(
                 key, slot, self.manager.address, self.ex._authkey, writer,
                 self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
-                heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._warm_up,
+                heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._initargs,
+                self.ex._warm_up,
             )  # fmt: skip
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:
@@ -243,6 +250,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
                     self._on_started(w, message[1], message[2])
                 elif message[0] == "done":
                     self._on_done(w, message)
+                elif message[0] == "init_failed":
+                    w.init_error = rebuild_error(*message[1:])
                 else:  # "timedout" or "lost", from a remote slot's link
                     self._on_remote_end(w, message)
         except (EOFError, OSError):
@@ -265,6 +274,11 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             return
         if self._closing and self._idle():
             return
+        if w.init_error is not None:
+            self._init_failures += 1
+            if self._init_failures >= _INIT_FAILURES_TO_BREAK:
+                self._break_on_initializer(w.init_error)
+                return
         early = not w.ran_any and exitcode != 0 and w.doom is None
         self._crashes[w.slot] = self._crashes[w.slot] + 1 if early else 0
         self._restarts[w.slot] += 1
@@ -371,10 +385,24 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             if task.status not in TERMINAL:
                 self.ledger.move(task, TaskStatus.FAILED, error=error, finished_at=time.time())
 
+    def _break_on_initializer(self, error: BaseException) -> None:
+        what = f"{type(error).__name__}: {error}"
+        log.error(
+            "the initializer failed in %d workers in a row (%s); the pool is broken",
+            self._init_failures,
+            what,
+        )
+        broken = BrokenPoolError(
+            f"the initializer raised in {self._init_failures} workers in a row, so no task can run: {what}"
+        )
+        broken.__cause__ = error
+        self._fail_all(broken)
+
     def _manager_lost(self) -> None:
         assert self.manager is not None
         proc = self.manager._process  # type: ignore[attr-defined]
         proc.join(0)
+        self._manager_gone = True
         log.error("procpool manager process (pid %s) %s", proc.pid, describe_exit(proc.exitcode))
         self._fail_all(
             BrokenPoolError(
@@ -388,7 +416,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
     def _teardown(self) -> None:
         """Stop every worker and the manager. Never raises."""
         try:
-            if self.queue is not None and self._broken is None:
+            if self.queue is not None and not self._manager_gone:
                 self.queue.close()
         except (OSError, EOFError):
             pass
@@ -401,7 +429,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
                 self._stop_worker(w)
         for w in list(self.workers.values()):
             self._stop_worker(w)
-        if self.ex._companion is not None and self.queue is not None and self._broken is None:
+        if self.ex._companion is not None and self.queue is not None and not self._manager_gone:
             try:
                 self.queue.stop_companions()
             except (OSError, EOFError):

@@ -45,20 +45,24 @@ class TaskRecord(NamedTuple):
 class TaskFuture(Future[Any]):
     """A ``concurrent.futures.Future`` whose ``cancel()`` really cancels the task.
 
-    Cancelling a running task kills its worker, as ``cancel_task`` does.
+    Cancelling a running task kills its worker, as ``cancel_task`` does. A
+    Future made by ``submit()`` or ``map()`` (``kills=False``) follows
+    ``concurrent.futures`` instead: ``cancel()`` returns False once the task
+    has started.
     """
 
-    def __init__(self, task_id: str, executor: DistributedExecutor) -> None:
+    def __init__(self, task_id: str, executor: DistributedExecutor, kills: bool = True) -> None:
         super().__init__()
         self.task_id = task_id
         self._executor_ref = weakref.ref(executor)
+        self._kills = kills
 
     def cancel(self) -> bool:
-        """Cancel the task; returns False if it had already finished."""
+        """Cancel the task; returns False if it had already finished (or started, with ``kills=False``)."""
         executor = self._executor_ref()
         if executor is None or self.done():
             return super().cancel()
-        return executor.cancel_task(self.task_id)
+        return executor._cancel(self.task_id, kill=self._kills)
 
     def _mark_cancelled(self) -> None:
         # Called by the supervisor only. A cancelled Future wakes wait() and
@@ -79,10 +83,12 @@ class Task:
     __slots__ = (
         "attempt",
         "future",
+        "keep",
         "name",
         "payload",
         "priority",
         "record",
+        "retry_errors",
         "seq",
         "status",
         "task_id",
@@ -100,6 +106,7 @@ class Task:
         timeout: float,
         future: TaskFuture,
         submitted_at: float,
+        futures_api: bool = False,
     ) -> None:
         self.task_id = task_id
         self.priority = priority
@@ -111,6 +118,11 @@ class Task:
         self.attempt = 1  # the attempt now queued or running; only this one may report
         self.worker: str | None = None
         self.future = future
+        # submit() and map() follow concurrent.futures: a raising callable runs once (a worker
+        # death is still retried), and the executor lets go of the task once it ends: its
+        # Future alone holds the outcome. submit_task() retries errors and keeps the record.
+        self.retry_errors = not futures_api
+        self.keep = not futures_api
         self.record = TaskRecord(
             task_id, TaskStatus.PENDING, priority, name, 0, None, submitted_at=submitted_at
         )

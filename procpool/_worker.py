@@ -30,7 +30,7 @@ import cloudpickle
 from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
 from ._payload import load_call
-from ._process import set_parent_death_signal
+from ._process import guard_owner
 from ._queue import STOP, TaskQueueProxy, connect_queue
 
 __all__ = ("Done", "Started", "WorkerSpec", "companion_info", "run_worker")
@@ -60,15 +60,15 @@ class WorkerSpec:
     max_tasks: int | None
     parent_pid: int
     heartbeat_interval: float  # seconds between heartbeats from the worker's heartbeat thread
-    initializer: bytes | None  # a payload run once before the first task
+    initializer: bytes | None  # the initializer function (cloudpickled), run once before the first task
+    initargs: tuple[Any, ...]  # its arguments: inherited under fork, pickled by multiprocessing otherwise
     warm_up: bytes | None  # the companion's preparation in each worker (connect to it), best effort
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
     os.setpgid(0, 0)  # the parent does the same, whichever runs first
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != spec.parent_pid:
+    if not guard_owner(signal.SIGKILL, spec.parent_pid):
         os._exit(1)  # the owner died before the guard was armed
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked handler must not swallow it
     slot = SlotWriter(spec.shm_name, spec.slot)
@@ -86,9 +86,8 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     global _here
     queue = connect_queue(spec.address, spec.authkey)
     _here = (queue, spec.slot)
-    if spec.initializer is not None:
-        fn, args, kwargs = load_call(spec.initializer)
-        fn(*args, **kwargs)  # raising ends the worker; the supervisor restarts it with a backoff
+    if spec.initializer is not None and not _initialize(spec):
+        return  # the supervisor counts the failure; enough in a row break the pool
     # Beats go on while a task runs, so only a stopped or wedged process falls silent. They
     # start after the initializer (a wedged one is caught) and before the companion's
     # warm-up, which is bounded by its own timeouts (a frozen browser must not look like
@@ -117,6 +116,18 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         if not message[3]:
             spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1
+
+
+def _initialize(spec: WorkerSpec) -> bool:
+    """Run the initializer; on failure log it as ProcessPoolExecutor does and tell the supervisor."""
+    try:
+        cloudpickle.loads(spec.initializer)(*spec.initargs)
+        return True
+    except BaseException as exc:
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+        tb = traceback.format_exc()
+        spec.conn.send(("init_failed", _dumps(exc), _type_name(exc), str(exc), tb))
+        return False
 
 
 def _warm_up(payload: bytes) -> None:
@@ -150,25 +161,15 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
     elapsed = time.monotonic() - start
     try:
         return ("done", task_id, attempt, True, False, elapsed, cloudpickle.dumps(value), "", "", "")
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - the pickling error is the task's (as in concurrent.futures)
         tb = traceback.format_exc()
-        error = RemoteTaskError(
-            _type_name(exc),
-            f"the result of type {_type_name(value)} could not be pickled to send it back: {exc}",
-            tb,
-        )
-        return (
-            "done",
-            task_id,
-            attempt,
-            False,
-            False,
-            elapsed,
-            _dumps(error),
-            error.type_name,
-            error.message,
-            tb,
-        )
+        text = f"the result of type {_type_name(value)} could not be pickled to send it back: {exc}"
+        exc.add_note(text)
+        blob = _dumps(exc)
+        if blob is None:  # the error cannot travel either: a plain stand-in with its text
+            error = RemoteTaskError(_type_name(exc), text, tb)
+            blob, exc = _dumps(error), error
+        return ("done", task_id, attempt, False, False, elapsed, blob, _type_name(exc), text, tb)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

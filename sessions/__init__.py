@@ -12,6 +12,11 @@ gets it with ``await current_browser()``.
 
 from __future__ import annotations
 
+import importlib.util
+
+if importlib.util.find_spec("pyppeteer") is None:  # checked, not imported: _driver is its one importer
+    raise ImportError("sessions needs pyppeteer, which is not installed: pip install 'procpool[browser]'")
+
 from ._errors import (
     BrowserLaunchError,
     BrowserNotFoundError,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing import resource_tracker
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,12 @@ LEAK_WAIT = 5.0  # seconds for killed processes to be reaped before they count a
 
 
 def _children() -> set[int]:
-    tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.pid != tracker}
+    # multiprocessing's own helpers live as long as this process: not leaks.
+    helpers = {
+        resource_tracker._resource_tracker._pid,  # type: ignore[attr-defined]
+        forkserver._forkserver._forkserver_pid,  # type: ignore[attr-defined]
+    }
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers}
 
 
 def _blocks() -> set[str]:

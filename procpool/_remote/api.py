@@ -21,6 +21,9 @@ class RemoteWorkers:
         _config: Config
         _supervisor: Supervisor
 
+        @property
+        def _remote_initializer(self) -> bytes | None: ...
+
     def add_remote_worker(
         self,
         host: str,
@@ -75,6 +78,7 @@ class RemoteWorkers:
         """
         if self._closed is not None:
             raise self._closed
+        self._remote_initializer  # noqa: B018 - raises here if the initializer cannot travel
         return add_host(
             self._supervisor, self._config.enable_remote, host, port, worker_type=worker_type,
             credentials={} if credentials is None else credentials, slots=slots, python=python,

@@ -30,7 +30,7 @@ from typing import Any
 
 from .._errors import RemoteWorkerError
 from .._metrics import MemoryWriter, SlotWriter
-from .._process import set_parent_death_signal
+from .._process import guard_owner
 from .._queue import STOP, connect_queue
 from .frames import FrameReader, encode
 from .hosts import RemoteHost
@@ -76,8 +76,7 @@ def describe_link_exit(exitcode: int | None, host: RemoteHost) -> str | None:
 def run_link(spec: LinkSpec) -> None:
     """Entry point of a link process."""
     os.setpgid(0, 0)
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != spec.parent_pid:
+    if not guard_owner(signal.SIGKILL, spec.parent_pid):
         os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     slot = SlotWriter(spec.shm_name, spec.slot)

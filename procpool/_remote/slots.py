@@ -133,7 +133,7 @@ class RemoteSlots:
         spec = LinkSpec(
             key, slot, self.manager.address, self.ex._authkey, writer, self.metrics.name,
             self.cfg.max_tasks_per_worker, os.getpid(), host, self.cfg.kill_grace,
-            self.cfg.memory_sample_interval, self.ex._initializer, beat,
+            self.cfg.memory_sample_interval, self.ex._remote_initializer, beat,
         )  # fmt: skip
         return self.cfg.context.Process(target=run_link, args=(spec,), name=self.remote_name(slot))
 

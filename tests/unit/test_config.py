@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from typing import Any
 
 import pytest
@@ -39,8 +41,18 @@ def test_bad_settings_fail_with_the_setting_named(name: str, value: object, erro
         Config.build(**{**GOOD, name: value})
 
 
-def test_fork_is_the_default_start_method_on_linux() -> None:
-    assert Config.build(**GOOD).start_method == "fork"
+def test_the_default_start_method_is_fork_on_3_11_and_forkserver_after() -> None:
+    expected = "fork" if sys.version_info < (3, 12) else "forkserver"
+    assert Config.build(**GOOD).start_method == expected
+
+
+def test_a_context_sets_the_start_method_and_conflicts_are_refused() -> None:
+    spawn = multiprocessing.get_context("spawn")
+    assert Config.build(**{**GOOD, "mp_context": spawn}).context is spawn
+    with pytest.raises(ValueError, match="not both"):
+        Config.build(**{**GOOD, "mp_context": spawn, "start_method": "fork"})
+    with pytest.raises(TypeError, match="mp_context"):
+        Config.build(**{**GOOD, "mp_context": "spawn"})
 
 
 @pytest.mark.parametrize("value", [TaskPriority.HIGH, "HIGH", "high", 1])
