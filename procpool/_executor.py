@@ -398,12 +398,12 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             raise KeyError(self._why_unknown(task_id)) from None
 
     def _why_unknown(self, task_id: object) -> str:
-        if isinstance(task_id, str) and task_id.startswith("task-") and task_id[5:].isdecimal():
-            if 0 < int(task_id[5:]) <= self._last_seq:
-                return (
-                    f"task id {task_id!r} was released: it was made by submit() or map(), "
-                    f"whose Future alone keeps the outcome once the task ends"
-                )
+        number = task_id[5:] if isinstance(task_id, str) and task_id.startswith("task-") else ""
+        if number.isdecimal() and 0 < int(number) <= self._last_seq:
+            return (
+                f"task id {task_id!r} was released: it was made by submit() or map(), "
+                f"whose Future alone keeps the outcome once the task ends"
+            )
         return f"unknown task id {task_id!r}"
 
     # -- callbacks and stats ---------------------------------------------------

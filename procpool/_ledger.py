@@ -74,6 +74,8 @@ class Ledger:
                 counters.exec_time_sum += elapsed
                 counters.exec_count += 1
         self.metrics.publish()
+        if status is TaskStatus.RUNNING and not (task.future.running() or task.future.done()):
+            task.future.set_running_or_notify_cancel()  # Future.running() from its first start
         if status in TERMINAL:
             task.payload = None
             if not task.keep:

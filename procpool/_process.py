@@ -15,6 +15,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from multiprocessing import forkserver
+from typing import Any
 
 import psutil
 
@@ -54,11 +56,31 @@ def guard_owner(signum: int, owner_pid: int) -> bool:
     so the signal still follows the owner, one step later. The parent is read
     before arming: had it died before, the signal would be tied to a reaper.
     """
+    release_fork_server()
     parent = os.getppid()
     set_parent_death_signal(signum)
     if os.getppid() != parent:
         return False  # the parent died before the signal was armed
     return parent == owner_pid or _alive(owner_pid)
+
+
+def release_fork_server() -> None:
+    """In a child of the fork server, close its copy of the server's "alive" pipe.
+
+    Every process the fork server starts inherits the write end of that pipe,
+    and the server exits, so that the parent-death signal of its children
+    fires, only once every copy is closed: while a worker kept one, the
+    owner's death reached nobody. A task in this process that needs a fork
+    server of its own gets a new one.
+    """
+    server: Any = forkserver._forkserver
+    fd = server._forkserver_alive_fd
+    if fd is not None and server._forkserver_pid is None:  # a child of the server, not its owner
+        server._forkserver_alive_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import weakref
 from concurrent.futures import Future
+from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._states import TaskPriority, TaskStatus
@@ -62,12 +64,18 @@ class TaskFuture(Future[Any]):
         executor = self._executor_ref()
         if executor is None or self.done():
             return super().cancel()
+        if not self._kills and self.running():
+            return False
         return executor._cancel(self.task_id, kill=self._kills)
 
     def _mark_cancelled(self) -> None:
         # Called by the supervisor only. A cancelled Future wakes wait() and
         # as_completed() only once it is also "notified", as executors do
-        # when they would have started it.
+        # when they would have started it. A running task killed by cancel_task
+        # is cancelled too, which Future.cancel() alone refuses once running.
+        with self._condition:
+            if self._state == _RUNNING:
+                self._state = _PENDING
         super().cancel()
         self.set_running_or_notify_cancel()
 

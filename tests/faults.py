@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def double(x: int) -> int:
@@ -149,9 +150,10 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
     return path
 
 
-def record_order(log_path: str, label: str) -> str:
+def record_order(log_path: str, label: str, then_sleep: float = 0.0) -> str:
     with open(log_path, "a") as f:
         f.write(label + "\n")
+    time.sleep(then_sleep)
     return label
 
 
@@ -174,3 +176,8 @@ def interpreter() -> str:
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def send_pid(channel: Any) -> None:
+    """An initializer: tell the test this worker's pid over a multiprocessing queue."""
+    channel.put(os.getpid())

@@ -75,20 +75,22 @@ import json, os, sys, time
 sys.path.insert(0, {tests!r})
 import faults
 from procpool import DistributedExecutor, TaskStatus
-ex = DistributedExecutor(max_local_workers=2)
-ids = [ex.submit_task(faults.spawn_grandchild_and_hang, ({pid_file!r},)), ex.submit_task(faults.hang)]
-while any(ex.get_task(i).status is not TaskStatus.RUNNING for i in ids) or not os.path.exists({pid_file!r}):
-    time.sleep(0.01)
-stats = ex.get_stats()
-pids = [w["pid"] for w in stats["workers"].values()] + [ex._supervisor.manager._process.pid]
-print(json.dumps({{"pids": pids, "block": ex.metrics_block}}), flush=True)
-time.sleep(3600)
+if __name__ == "__main__":
+  ex = DistributedExecutor(max_local_workers=2, start_method={method!r})
+  ids = [ex.submit_task(faults.spawn_grandchild_and_hang, ({pid_file!r},)), ex.submit_task(faults.hang)]
+  while any(ex.get_task(i).status is not TaskStatus.RUNNING for i in ids) or not os.path.exists({pid_file!r}):
+      time.sleep(0.01)
+  stats = ex.get_stats()
+  pids = [w["pid"] for w in stats["workers"].values()] + [ex._supervisor.manager._process.pid]
+  print(json.dumps({{"pids": pids, "block": ex.metrics_block}}), flush=True)
+  time.sleep(3600)
 """
 
 
-def test_nothing_outlives_a_caller_killed_with_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_nothing_outlives_a_caller_killed_with_sigkill(tmp_path: Path, method: str) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    script = textwrap.dedent(CALLER.format(tests=TESTS, pid_file=str(pid_file)))
+    script = textwrap.dedent(CALLER.format(tests=TESTS, pid_file=str(pid_file), method=method))
     caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert caller.stdout is not None

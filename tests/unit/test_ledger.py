@@ -31,7 +31,7 @@ class FakeCallbacks(Callbacks):
 @pytest.fixture
 def ledger() -> Iterator[Ledger]:
     block = MetricsBlock(slots=1)
-    yield Ledger(block, FakeCallbacks())
+    yield Ledger(block, FakeCallbacks(), {})
     block.close()
 
 
@@ -47,6 +47,7 @@ def new_task(ledger: Ledger, priority: TaskPriority = TaskPriority.HIGH) -> Task
 def test_a_task_through_a_retry_to_completion(ledger: Ledger) -> None:
     task = new_task(ledger)
     ledger.move(task, TaskStatus.RUNNING, worker="w")
+    assert task.future.running()  # as concurrent.futures shows a started call
     assert ledger.metrics.counters.depth[TaskPriority.HIGH] == 0 and ledger.unfinished() == 1
     task.attempt = 2
     ledger.move(task, TaskStatus.RETRYING, error=ValueError("x"))
@@ -76,3 +77,14 @@ def test_rebuilt_errors_carry_the_worker_traceback() -> None:
     assert isinstance(error, RemoteTaskError) and error.type_name == "mod.Weird"
     assert isinstance(error.__cause__, RemoteTraceback)
     assert isinstance(rebuild_error(b"not a pickle", "x.Y", "m", "tb"), RemoteTaskError)
+
+
+def test_a_futures_api_task_leaves_the_records_when_it_ends(ledger: Ledger) -> None:
+    task = new_task(ledger)
+    task.keep = False
+    ledger.tasks[task.task_id] = task
+    ledger.move(task, TaskStatus.RUNNING, worker="w")
+    assert task.task_id in ledger.tasks
+    ledger.move(task, TaskStatus.COMPLETED, 0.1, result=3)
+    assert task.task_id not in ledger.tasks and task.future.result(0) == 3
+    assert ledger.metrics.counters.states[2] == 1  # counted all the same
