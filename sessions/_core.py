@@ -136,6 +136,8 @@ class Core:
         session = Session(account, process, browser, lock_fd)
         browser.on("disconnected", lambda: self._on_disconnected(session))
         self.sessions[account] = session
+        # Measured at once, so get_stats() has a real figure before the first sampling round.
+        session.memory = await asyncio.get_running_loop().run_in_executor(None, _measure, process)
         log.info("session %r: Chromium pid %d on %s", account, process.pid, profile)
         await self._fire("session_created", account, browser)
         return session

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before the pool's (see below)
 import contextlib
 import shutil
 import tempfile
@@ -101,7 +102,7 @@ class SessionPool:
             weakref.WeakKeyDictionary()
         )
         self._connections_lock = threading.Lock()
-        atexit.register(_close_at_exit, weakref.ref(self))
+        _register_exit_hook(weakref.ref(self))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._core.sessions)} sessions"
@@ -237,6 +238,17 @@ def _close_at_exit(ref: weakref.ref[SessionPool]) -> None:
     pool = ref()
     if pool is not None:
         pool.close()
+
+
+def _register_exit_hook(ref: weakref.ref[SessionPool]) -> None:
+    # Closing stops browsers through the loop's default thread pool, and at interpreter exit
+    # concurrent.futures refuses new work from its own exit hook on, which runs before atexit
+    # functions. Hooks of threading's own exit run in reverse order of registration, and
+    # concurrent.futures.thread (imported above) registered first: this one runs before it.
+    try:
+        threading._register_atexit(_close_at_exit, ref)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # another Python, or exit has begun: the plain hook
+        atexit.register(_close_at_exit, ref)
 
 
 def get_optimized_session_pool(**options: Any) -> SessionPool:
