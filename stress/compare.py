@@ -33,6 +33,7 @@ HANG_TIMEOUT = 0.2  # seconds; the deadline given to tasks that never end
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=10_000, help="tiny tasks per throughput run")
     parser.add_argument("--repeat", type=int, default=10, help="runs per latency figure")
+    parser.add_argument("--chunksize", type=int, default=100, help="items per chunk in the map figure")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     for name, measure in [
         ("throughput one by one (tasks/s)", lambda: throughput(args.tasks, batched=False)),
         ("throughput batched (tasks/s)", lambda: throughput(args.tasks, batched=True)),
+        (
+            f"throughput map(chunksize={args.chunksize}) (tasks/s)",
+            lambda: map_throughput(args.tasks, args.chunksize),
+        ),
         (
             "deadline to reported, honours SIGTERM, p99 (ms)",
             lambda: deadline_latency(tasks.hang, args.repeat),
@@ -121,6 +126,25 @@ def throughput(n: int, batched: bool) -> dict[str, Any]:
                 n, lambda: [r.get() for r in [pool.apply_async(tasks.noop) for _ in range(n)]]
             )
     out.update(_optional_peers(n, batched))
+    return out
+
+
+def map_throughput(n: int, chunksize: int) -> dict[str, Any]:
+    """``map`` of tiny calls with the same chunksize everywhere it exists."""
+    out: dict[str, Any] = {}
+    with DistributedExecutor(max_local_workers=WORKERS, task_timeout=60) as ex:
+        list(ex.map(tasks.noop_arg, range(100)))
+        out["procpool"] = _rate(n, lambda: list(ex.map(tasks.noop_arg, range(n), chunksize=chunksize)))
+    with cf.ProcessPoolExecutor(WORKERS, mp_context=FORK) as ppe:
+        list(ppe.map(tasks.noop_arg, range(100)))
+        out["ProcessPoolExecutor"] = _rate(
+            n, lambda: list(ppe.map(tasks.noop_arg, range(n), chunksize=chunksize))
+        )
+    with FORK.Pool(WORKERS) as pool:
+        pool.map(tasks.noop_arg, range(100))
+        out["multiprocessing.Pool"] = _rate(
+            n, lambda: pool.map(tasks.noop_arg, range(n), chunksize=chunksize)
+        )
     return out
 
 

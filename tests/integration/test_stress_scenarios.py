@@ -43,7 +43,7 @@ def test_soak_without_browsers_sees_no_growth(tmp_path: Path) -> None:
 def test_compare_measures_every_figure_and_charts_the_ratios(tmp_path: Path) -> None:
     report = scenario(tmp_path, "compare", "--tasks", "200", "--repeat", "2")
     figures = report["figures"]
-    assert len(figures) == 9 and all("procpool" in f for f in figures.values())
+    assert len(figures) == 10 and all("procpool" in f for f in figures.values())
     assert (tmp_path / "stress-out" / "compare.png").exists()
 
 
