@@ -181,3 +181,16 @@ def pid_after(seconds: float) -> int:
 def send_pid(channel: Any) -> None:
     """An initializer: tell the test this worker's pid over a multiprocessing queue."""
     channel.put(os.getpid())
+
+
+def remember(value: object) -> None:
+    """An initializer: leave ``value`` in the worker's environment for ``initialized`` to read.
+
+    (The environment, not a global: remote tests send this module by value, which gives
+    each function its own copy of the module's globals.)
+    """
+    os.environ["PROCPOOL_TEST_INITIALIZED"] = str(value)
+
+
+def initialized() -> str | None:
+    return os.environ.get("PROCPOOL_TEST_INITIALIZED")

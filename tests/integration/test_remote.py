@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -125,10 +126,11 @@ def test_tasks_spread_over_local_and_two_hosts(make_executor: Make, hosts: Hosts
     assert stats["completed_tasks"] == 20 and stats["active_workers"] == 5
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_remote_results_and_errors_come_back_as_locally(
-    make_executor: Make, hosts: Hosts, gate: Path
+    make_executor: Make, hosts: Hosts, gate: Path, method: str
 ) -> None:
-    executor = make_executor(max_local_workers=1, enable_remote=True, max_retries=1)
+    executor = make_executor(max_local_workers=1, enable_remote=True, max_retries=1, start_method=method)
     hold_local(executor, gate)
     names = add(executor, hosts[0])
     raised = executor.submit_task(faults.raise_value_error, ("remote boom",))
@@ -396,3 +398,21 @@ def test_max_tasks_per_worker_gives_fresh_processes_on_one_connection(
     ]
     assert len(set(pids)) == 4  # a fresh process for each task ...
     assert executor.get_stats()["workers"][name]["restarts"] == 0  # ... with no new connection
+
+
+def test_the_initializer_runs_on_the_host_and_one_that_cannot_travel_is_refused(
+    make_executor: Make, hosts: Hosts, gate: Path
+) -> None:
+    executor = make_executor(
+        max_local_workers=1, enable_remote=True, initializer=faults.remember, initargs=("set up",)
+    )
+    hold_local(executor, gate)
+    add(executor, hosts[0])
+    assert executor.get_task_result(executor.submit_task(faults.initialized), timeout=30) == "set up"
+    channel = multiprocessing.get_context("fork").Queue()
+    bound = make_executor(enable_remote=True, initializer=faults.remember, initargs=(channel,))
+    with pytest.raises(TypeError, match="initializer for remote workers"):
+        add(bound, hosts[1])
+    assert bound.submit(faults.double, 2).result(timeout=30) == 4  # the local workers got it
+    channel.close()
+    channel.join_thread()
