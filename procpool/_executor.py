@@ -588,6 +588,11 @@ def _name(fn: Any) -> str:
 def _shutdown_at_exit(ref: weakref.ref[DistributedExecutor]) -> None:
     executor = ref()
     if executor is not None:
+        with executor._submit_lock:
+            if executor._closed is None:  # worded as concurrent.futures words it
+                executor._closed = ExecutorShutdownError(
+                    "cannot schedule new futures after interpreter shutdown"
+                )
         executor.shutdown(wait=True)
 
 

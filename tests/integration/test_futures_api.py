@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,3 +183,23 @@ def test_processpoolexecutor_names_work_and_their_errors_name_them() -> None:
         assert executor.submit(faults.double, 2).result(timeout=10) == 4
     with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
         executor.submit(faults.double, 1)
+
+
+def test_a_submit_after_interpreter_shutdown_says_so() -> None:
+    script = textwrap.dedent("""
+        import atexit
+        from procpool import DistributedExecutor
+
+        @atexit.register  # registered first, so it runs after the executor's own exit hook
+        def run_last():
+            try:
+                executor.submit(id, None)
+            except RuntimeError as error:
+                print(error)
+
+        executor = DistributedExecutor(max_workers=2)
+        print(executor.submit(abs, -42).result(timeout=30))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["42", "cannot schedule new futures after interpreter shutdown"]
+    assert done.returncode == 0 and done.stderr == ""
