@@ -42,12 +42,18 @@ FOREIGN_HELPERS = ("loky.backend.resource_tracker",)
 
 def leftovers(timeout: float = 5.0) -> list[str]:
     """Descendant processes and procpool shared-memory blocks still there after ``timeout``."""
-    from multiprocessing import resource_tracker
+    from multiprocessing import forkserver, resource_tracker
 
-    tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
+    # multiprocessing's own helpers live as long as this process (their children still count).
+    helpers = {
+        resource_tracker._resource_tracker._pid,  # type: ignore[attr-defined]
+        forkserver._forkserver._forkserver_pid,  # type: ignore[attr-defined]
+    }
     deadline = time.monotonic() + timeout
     while True:
-        procs = [p for p in psutil.Process().children(recursive=True) if p.pid != tracker and not _foreign(p)]
+        procs = [
+            p for p in psutil.Process().children(recursive=True) if p.pid not in helpers and not _foreign(p)
+        ]
         blocks = [p.name for p in Path("/dev/shm").glob(f"procpool-{psutil.Process().pid}-*")]
         if (not procs and not blocks) or time.monotonic() > deadline:
             break

@@ -263,6 +263,11 @@ def test_version_mismatch_is_explained_and_shipping_fixes_it(
     system = shutil.which("python3", path="/usr/bin")
     if system is None or os.path.realpath(system) == os.path.realpath(sys.executable):
         pytest.skip("needs a system python3 apart from the test interpreter")
+    version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True)
+    if version.stdout.decode().strip() != str(sys.version_info[:2]):
+        pytest.skip(
+            f"needs a system python3 of this version ({sys.version_info[:2]}); it has {version.stdout}"
+        )
     executor = make_executor(max_local_workers=1, enable_remote=True)
     with pytest.raises(RemoteVersionError, match=r"cannot import .*ship_package=True"):
         add(executor, hosts[0], python=system)
