@@ -20,11 +20,12 @@ import random
 import signal
 import time
 
+import cloudpickle
 import psutil
 
 from procpool import DistributedExecutor
 
-from . import sshd
+from . import sshd, tasks
 from .common import add_run_arguments, leftovers, say, table, write_report
 from .demo import Run, browsers_for, check, fanout, signal_random, stats_problem
 
@@ -51,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.CRITICAL)  # every fault here is on purpose
     args.accounts = 2
+    if args.remote:  # the hosts need not have stress/ (it is not installed): its tasks travel by value
+        cloudpickle.register_pickle_by_value(tasks)
     state = Run(args, random.Random(args.seed))
     site, options = browsers_for(args)
     broken: list[str] = []

@@ -29,6 +29,7 @@ from procpool import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from procpool._config import default_start_method
 from stress import sshd
 
 pytestmark = [
@@ -414,7 +415,7 @@ def test_the_initializer_runs_on_the_host_and_one_that_cannot_travel_is_refused(
     hold_local(executor, gate)
     add(executor, hosts[0])
     assert executor.get_task_result(executor.submit_task(faults.initialized), timeout=30) == "set up"
-    channel = multiprocessing.get_context("fork").Queue()
+    channel = multiprocessing.get_context(default_start_method()).Queue()
     bound = make_executor(enable_remote=True, initializer=faults.remember, initargs=(channel,))
     with pytest.raises(TypeError, match="initializer for remote workers"):
         add(bound, hosts[1])
