@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from ._callbacks import Callbacks
+from ._callbacks import Callbacks, Lane
 from ._config import Config, check_positive, check_priority
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
 from ._metrics import PENDING, MetricsBlock
@@ -150,6 +150,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._final_stats: dict[str, Any] | None = None
         self._finish_lock = threading.Lock()
         self._callbacks = Callbacks()
+        self._futures_lane = Lane("procpool-futures")
         self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
         self._supervisor = Supervisor(self)
         self._supervisor.start()
@@ -357,6 +358,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         Raises:
             KeyError: an unknown id. TimeoutError: some are unfinished after ``timeout``.
         """
+        if isinstance(task_ids, str):
+            raise TypeError(f"task_ids must be a list of ids, not the str {task_ids!r}: pass [{task_ids!r}]")
         tasks = [self._task(task_id) for task_id in task_ids]
         _, pending = concurrent.futures.wait([t.future for t in tasks], timeout)
         if pending:
@@ -374,6 +377,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         return self._cancel(task_id, kill=True)
 
     def _cancel(self, task_id: str, kill: bool) -> bool:
+        if threading.current_thread() is self._supervisor:
+            return self._supervisor.cancel(task_id, kill)
         reply: concurrent.futures.Future[bool] = concurrent.futures.Future()
 
         def run() -> None:
@@ -465,8 +470,12 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
 
         Args:
             wait: block until every task has finished and every process is gone.
+                From a callback (or a Future's done-callback) it does not wait:
+                the callbacks themselves are among what it would wait for.
             cancel_futures: cancel queued tasks instead of running them.
         """
+        if wait and self._on_own_thread():
+            wait = False
         with self._submit_lock:
             if self._closed is None:
                 self._closed = ExecutorShutdownError("cannot schedule new futures after shutdown")
@@ -482,13 +491,21 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
         self.shutdown(wait=True, cancel_futures=interrupted)
 
+    def _on_own_thread(self) -> bool:
+        return (
+            threading.current_thread() is self._supervisor
+            or self._futures_lane.is_current()
+            or self._callbacks.lane.is_current()
+        )
+
     def _finish(self) -> None:
         with self._finish_lock:
             if self._final_stats is not None:
                 return
             self._supervisor.join()
             self._outbox.close()
-            self._callbacks.close()
+            self._futures_lane.close()  # every Future settled ...
+            self._callbacks.close()  # ... and every callback run
             stats = self.get_stats()
             for worker in stats["workers"].values():
                 worker.update(active=False, state="stopped", current_task=None)
@@ -510,6 +527,9 @@ def _pickle(where: str, blobs: dict[int, bytes], fn: Any, args: Any, kwargs: Any
         raise TypeError(f"{where}args must be a tuple or list, not {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise TypeError(f"{where}kwargs must be a dict or None, not {type(kwargs).__name__}")
+    bad_key = next((k for k in kwargs or () if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise TypeError(f"{where}kwargs keys must be argument names (str), not {bad_key!r}")
     try:
         fn_blob = blobs.get(id(fn))
         if fn_blob is None:

@@ -12,10 +12,10 @@ from typing import Any
 import cloudpickle
 
 from . import _metrics as metrics
-from ._callbacks import Callbacks
+from ._callbacks import Callbacks, Lane
 from ._errors import RemoteTaskError, RemoteTraceback, TaskCancelledError
 from ._states import TERMINAL, TaskStatus, advance
-from ._task import Task, TaskRecord
+from ._task import Task, TaskFuture, TaskRecord
 
 __all__ = ("EVENT_OF", "Ledger", "rebuild_error")
 
@@ -38,9 +38,12 @@ EVENT_OF = {
 class Ledger:
     """Moves tasks between states and keeps the pool counters in step."""
 
-    def __init__(self, block: metrics.MetricsBlock, callbacks: Callbacks, tasks: dict[str, Task]) -> None:
+    def __init__(
+        self, block: metrics.MetricsBlock, callbacks: Callbacks, tasks: dict[str, Task], futures: Lane
+    ) -> None:
         self.metrics = block
         self.callbacks = callbacks
+        self.futures = futures  # settles Futures off this thread: their done-callbacks are user code
         self.tasks = tasks  # the executor's records by id; a task not kept leaves it when it ends
 
     def unfinished(self) -> int:
@@ -80,18 +83,19 @@ class Ledger:
             task.payload = None
             if not task.keep:
                 self.tasks.pop(task.task_id, None)
-            self._settle_future(task, rec)
+            self.futures.put(_settle_future, (task.future, rec))
         self.callbacks.fire(EVENT_OF.get(status), rec)
 
-    def _settle_future(self, task: Task, rec: TaskRecord) -> None:
-        fut = task.future
-        if rec.status is TaskStatus.COMPLETED:
-            fut.set_result(rec.result)
-        elif rec.status is TaskStatus.CANCELLED and isinstance(rec.error, TaskCancelledError):
-            fut._mark_cancelled()
-        else:
-            assert rec.error is not None
-            fut.set_exception(rec.error)
+
+def _settle_future(item: tuple[TaskFuture, TaskRecord]) -> None:
+    fut, rec = item
+    if rec.status is TaskStatus.COMPLETED:
+        fut.set_result(rec.result)
+    elif rec.status is TaskStatus.CANCELLED and isinstance(rec.error, TaskCancelledError):
+        fut._mark_cancelled()
+    else:
+        assert rec.error is not None
+        fut.set_exception(rec.error)
 
 
 def rebuild_error(blob: bytes | None, type_name: str, text: str, tb: str) -> BaseException:

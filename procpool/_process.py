@@ -1,9 +1,8 @@
-"""Process edges: the parent-death guard and the one place that signals processes.
+"""Process edges: the parent-death guard, and the manager's last sweep of worker groups.
 
-Every worker is the leader of its own process group (pgid == pid), so a
-signal to the group reaches whatever the task started. A descendant that
-left the group (``setsid``) is found with psutil before the group is
-signalled and gets the same signal.
+Signalling a worker and everything it started is ``_containment``'s (cgroups,
+or a subreaper's tree); what is here is what runs before a worker serves
+(following its owner) and after the owner is gone.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from multiprocessing import forkserver
 from typing import Any
 
@@ -23,12 +22,10 @@ import psutil
 from ._metrics import active_worker_pids
 
 __all__ = (
-    "escapees",
     "guard_owner",
     "kill_worker_groups",
     "set_parent_death_signal",
     "signal_group",
-    "stop_group",
 )
 
 log = logging.getLogger(__name__)
@@ -93,22 +90,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def escapees(pid: int) -> list[psutil.Process]:
-    """Descendants of ``pid`` that left its process group (they would miss a group signal)."""
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for child in children:
-        try:
-            if os.getpgid(child.pid) != pid:
-                out.append(child)
-        except OSError:
-            continue
-    return out
-
-
 def signal_group(pgid: int, signum: int, strays: Iterable[psutil.Process] = ()) -> None:
     """Send ``signum`` to process group ``pgid`` and to ``strays``. Never raises."""
     try:
@@ -120,20 +101,6 @@ def signal_group(pgid: int, signum: int, strays: Iterable[psutil.Process] = ()) 
             proc.send_signal(signum)  # psutil checks the PID was not reused
         except psutil.Error:
             pass
-
-
-def stop_group(pgid: int, grace: float, wait_exit: Callable[[float], bool]) -> None:
-    """Terminate a process group, wait up to ``grace`` for its leader, then kill the rest.
-
-    ``wait_exit(timeout)`` tells whether the leader has exited. The final
-    SIGKILL sweeps whatever the leader left behind in its group. Never raises.
-    The supervisor runs the same ladder step by step so it never blocks.
-    """
-    strays = escapees(pgid)
-    signal_group(pgid, signal.SIGTERM, strays)
-    if not wait_exit(grace):
-        log.warning("process %d outlived SIGTERM by %.2f s; sending SIGKILL", pgid, grace)
-    signal_group(pgid, signal.SIGKILL, strays)
 
 
 def kill_worker_groups(shm_name: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any, cast
 import cloudpickle
 
 from ._companions import Companions
+from ._containment import kill_tree
 from ._memory import Sampler
 from ._process import guard_owner, kill_worker_groups
 
@@ -193,7 +194,11 @@ QueueManager.register("get_queue", callable=_shared_queue, proxytype=TaskQueuePr
 
 
 def init_manager(
-    parent_pid: int, shm_name: str, sample_interval: float | None, companion: bytes | None
+    parent_pid: int,
+    shm_name: str,
+    sample_interval: float | None,
+    companion: bytes | None,
+    cgroup_root: str | None,
 ) -> None:
     """Initializer run in the manager process before it serves."""
     global _companions
@@ -207,6 +212,8 @@ def init_manager(
         # Once only: a second SIGTERM arriving inside this handler must not run it again
         # (it would wait for a lock its first run holds).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if cgroup_root is not None:
+            kill_tree(cgroup_root, remove=True)  # every worker and all they started, however detached
         kill_worker_groups(shm_name)
         if _companions is not None:
             _companions.kill_all()

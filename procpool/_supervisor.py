@@ -6,10 +6,16 @@
                                              │ kill ladder, respawn, retries
                                              └─▶ ledger: records, futures, callbacks, metrics header
 
-- It waits on result pipes, process sentinels, the manager's sentinel and a
+- It waits on result pipes, a pidfd per worker and one for the manager, and a
   wake-up pipe at once (one epoll set), with a timeout equal to the next
-  timer (deadline, SIGKILL escalation or respawn).
+  timer (deadline, SIGKILL escalation or respawn). A pidfd becomes readable
+  when the process itself exits, whatever its descendants still hold open (a
+  sentinel pipe inherited by an escaped daemon would never close).
 - Tasks change state only from here (``Ledger.move``); submitters only create them.
+  Futures are settled, and callbacks run, on lanes of their own (``_callbacks``):
+  no user code runs on this thread.
+- Each worker has a ``Jail`` (``_containment``): its cgroup, or its tree as a
+  subreaper. Kills go through it, so nothing a task started outlives its worker.
 - Parts of it live in mixins, all run on this thread: task events
   (``_events.TaskEvents``), heartbeat and memory checks on a timer
   (``_checks.HealthChecks``), and remote hosts' slots (``_remote.slots``). A
@@ -31,11 +37,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from ._checks import HealthChecks
+from ._containment import Jail, Jails
 from ._errors import (
     BrokenPoolError,
     WorkerLostError,
@@ -43,7 +50,6 @@ from ._errors import (
 from ._events import TaskEvents
 from ._health import heartbeat_interval
 from ._ledger import Ledger, rebuild_error
-from ._process import escapees, signal_group, stop_group
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.link import describe_link_exit
@@ -59,6 +65,9 @@ log = logging.getLogger(__name__)
 
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
+# seconds; the longest single wait of the loop: epoll takes at most ~24.8 days in milliseconds,
+# and a deadline that far off (timeout=30 days) is simply waited for in steps.
+_MAX_WAIT = 3600.0
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
 # Initializer failures in a row (no task started meanwhile) that break the pool: a few, so
 # a flaky one gets another chance, and few enough that futures fail within a second.
@@ -80,7 +89,7 @@ class Worker:
     # Its messages no longer count: set once the doomed attempt's "started" is read (or at
     # once if it was read before). Messages before that are about tasks it ran to the end.
     fenced: bool = False
-    strays: list[Any] = field(default_factory=list)  # descendants outside its group
+    jail: Jail | None = None  # the process and everything it started (see _containment)
     note: str = ""  # for a worker killed as hung or out of memory: what was seen
     spawned: float = 0.0  # monotonic
     recycling: bool = False  # retired for its memory; ends after its current task
@@ -88,6 +97,7 @@ class Worker:
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
     host: RemoteHost | None = None  # for a remote slot's link process: its host
+    pidfd: int = -1  # readable once the process has exited (os.pidfd_open)
     init_error: BaseException | None = None  # what its initializer raised, if it did
 
     def readable(self) -> bool:
@@ -116,13 +126,16 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         self._closing = False
         self._broken: BrokenPoolError | None = None
         self._manager_gone = False
+        self._manager_pidfd = -1
         self._init_failures = 0  # initializer failures since a task last started
         slots = self.cfg.max_local_workers + self.cfg.max_remote_workers
         self._crashes = [0] * slots  # early deaths in a row, per slot
         self._restarts = [0] * slots
         self._init_remote()
+        self.jails = Jails()
+        self._busy_jails: list[Jail] = []  # killed, their cgroups not yet empty: removed later
         self._generation = itertools.count()
-        self.ledger = Ledger(self.metrics, executor._callbacks, executor._tasks)
+        self.ledger = Ledger(self.metrics, executor._callbacks, executor._tasks, executor._futures_lane)
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
 
     # -- messages from other threads -------------------------------------
@@ -161,11 +174,11 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
     def _loop(self) -> None:
         assert self.manager is not None
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        manager_sentinel = self.manager._process.sentinel  # type: ignore[attr-defined]
-        self._selector.register(manager_sentinel, selectors.EVENT_READ, ("manager", None))
+        self._manager_pidfd = os.pidfd_open(self.manager._process.pid)  # type: ignore[attr-defined]
+        self._selector.register(self._manager_pidfd, selectors.EVENT_READ, ("manager", None))
         while not (self._closing and self._idle()) and self._broken is None:
             due = self.timers.next_due()
-            timeout = None if due is None else max(0.0, due - time.monotonic())
+            timeout = None if due is None else min(max(0.0, due - time.monotonic()), _MAX_WAIT)
             for key, _ in self._selector.select(timeout):
                 kind, w = key.data  # w is None for "wake" and "manager"
                 if kind == "wake":
@@ -192,7 +205,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
     def _start_manager(self) -> None:
         ctx = self.cfg.context
         self.manager = QueueManager(authkey=self.ex._authkey, ctx=ctx)
-        args = (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval, self.ex._companion)
+        root = None if self.jails.root is None else str(self.jails.root)
+        args = (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval, self.ex._companion, root)
         self.manager.start(init_manager, args)
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
 
@@ -203,12 +217,13 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         host = self.hosts.get(slot)
         name = f"local-worker-{slot}" if host is None else self.remote_name(slot)
         key = f"{name}.{next(self._generation)}"
+        cgroup = None if host is not None else self.jails.path_for(key)
         if host is None:
             spec = WorkerSpec(
                 key, slot, self.manager.address, self.ex._authkey, writer,
                 self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
                 heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._initargs,
-                self.ex._warm_up,
+                self.ex._warm_up, cgroup,
             )  # fmt: skip
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:
@@ -220,11 +235,13 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         except OSError:
             pass  # it already did (or exec'd, under spawn)
         w = self.workers[slot] = Worker(
-            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic(), host=host
-        )
+            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic(), host=host,
+            pidfd=os.pidfd_open(process.pid),  # before it can be reaped: the pid is still its own
+            jail=Jail(process.pid, cgroup),
+        )  # fmt: skip
         w.poller.register(reader.fileno(), select.POLLIN)
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
-        self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", w))
+        self._selector.register(w.pidfd, selectors.EVENT_READ, ("exit", w))
         self._publish_slot(slot, name, process.pid, active=True)
 
     def _publish_slot(
@@ -240,7 +257,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
     def _forget(self, w: Worker) -> None:
         del self.workers[w.slot]
         self._selector.unregister(w.conn.fileno())
-        self._selector.unregister(w.process.sentinel)
+        self._selector.unregister(w.pidfd)
+        os.close(w.pidfd)
 
     def _drain(self, w: Worker) -> None:
         try:
@@ -260,10 +278,9 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
     def _reap(self, w: Worker) -> None:
         """A worker process ended: account for its task, sweep its group, replace it."""
         self._forget(w)
-        # The sentinel closes a moment before the process can be reaped.
-        w.process.join(_REAP_WAIT)
+        w.process.join(_REAP_WAIT)  # it has exited (its pidfd said so): this reaps it at once
         exitcode = w.process.exitcode
-        signal_group(w.process.pid, signal.SIGKILL, w.strays)  # whatever it left behind
+        self._bury(w)  # whatever it left behind, however detached
         self.timers.discard(("kill", w.slot, w.process.pid))
         lost = self._account_for_death(w, exitcode)
         w.conn.close()
@@ -292,6 +309,11 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             self.timers.set(("respawn", w.slot), time.monotonic() + delay)
         else:
             self._spawn(w.slot)
+
+    def _bury(self, w: Worker) -> None:
+        assert w.jail is not None
+        w.jail.kill()
+        self._busy_jails = [j for j in [*self._busy_jails, w.jail] if not j.remove()]
 
     def _account_for_death(self, w: Worker, exitcode: int | None) -> int:
         """Settle the task a dead worker held; returns 1 if a task was lost with it."""
@@ -339,8 +361,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         released = self._release(w.key)
         if released is not None and released != w.doomed:
             self._requeue(released)
-        w.strays = escapees(w.process.pid)
-        signal_group(w.process.pid, signal.SIGTERM, w.strays)
+        assert w.jail is not None
+        w.jail.signal(signal.SIGTERM)
         self.timers.set(("kill", w.slot, w.process.pid), time.monotonic() + self.cfg.kill_grace)
 
     def _requeue(self, lease: tuple[str, int]) -> None:
@@ -368,7 +390,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
                         "worker %s (pid %d) ignored SIGTERM for %.2f s; sending SIGKILL",
                         w.name, w.process.pid, self.cfg.kill_grace,
                     )  # fmt: skip
-                    signal_group(w.process.pid, signal.SIGKILL, w.strays)
+                    assert w.jail is not None
+                    w.jail.kill()
             elif kind == "respawn" and not (self._closing and self._idle()):
                 slot = key[1]  # type: ignore[index]
                 if slot < self.cfg.max_local_workers or slot in self.hosts:  # not removed meanwhile
@@ -422,9 +445,9 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             pass
         deadline = time.monotonic() + _EXIT_WAIT
         while self.workers and time.monotonic() < deadline:
-            sentinels = {w.process.sentinel: w for w in self.workers.values()}
-            for sentinel in wait(list(sentinels), deadline - time.monotonic()):
-                w = sentinels[sentinel]
+            pidfds = {w.pidfd: w for w in self.workers.values()}
+            for pidfd in wait(list(pidfds), deadline - time.monotonic()):
+                w = pidfds[pidfd]  # type: ignore[index]
                 self._drain(w)
                 self._stop_worker(w)
         for w in list(self.workers.values()):
@@ -440,16 +463,24 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             except Exception:  # noqa: BLE001 - it may be dead already
                 pass
         self._end_remote()
+        self.jails.close()
         with self._wake_lock:
             self._ended = True
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._selector.close()
+        if self._manager_pidfd >= 0:
+            os.close(self._manager_pidfd)
 
     def _stop_worker(self, w: Worker) -> None:
-        stop_group(
-            w.process.pid, self.cfg.kill_grace, lambda t: w.process.join(t) or w.process.exitcode is not None
-        )
+        """The stop ladder at teardown: SIGTERM to all it holds, ``kill_grace``, SIGKILL, reap."""
+        assert w.jail is not None
+        w.jail.signal(signal.SIGTERM)
+        w.process.join(self.cfg.kill_grace)
+        if w.process.exitcode is None:
+            log.warning("worker %s (pid %d) outlived SIGTERM by %.2f s; sending SIGKILL",
+                        w.name, w.process.pid, self.cfg.kill_grace)  # fmt: skip
+        self._bury(w)
         w.process.join()
         self._forget(w)
         w.conn.close()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import weakref
 from concurrent.futures import Future
-from concurrent.futures._base import PENDING as _PENDING
-from concurrent.futures._base import RUNNING as _RUNNING
+from concurrent.futures._base import CANCELLED as _CANCELLED
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
+from concurrent.futures._base import FINISHED as _FINISHED
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._states import TaskPriority, TaskStatus
@@ -66,18 +67,24 @@ class TaskFuture(Future[Any]):
             return super().cancel()
         if not self._kills and self.running():
             return False
-        return executor._cancel(self.task_id, kill=self._kills)
+        if not executor._cancel(self.task_id, kill=self._kills):
+            return False
+        self._mark_cancelled()  # at once: cancelled() is true when this returns
+        return True
 
     def _mark_cancelled(self) -> None:
-        # Called by the supervisor only. A cancelled Future wakes wait() and
-        # as_completed() only once it is also "notified", as executors do
-        # when they would have started it. A running task killed by cancel_task
-        # is cancelled too, which Future.cancel() alone refuses once running.
+        # By the supervisor's futures lane, or by cancel() in the caller's thread: whichever
+        # comes first. Cancelled and notified in one step (what cancel() and then
+        # set_running_or_notify_cancel() do), so that wait() and as_completed() wake; a task
+        # killed while running is cancelled too, which Future.cancel() alone refuses.
         with self._condition:
-            if self._state == _RUNNING:
-                self._state = _PENDING
-        super().cancel()
-        self.set_running_or_notify_cancel()
+            if self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED):
+                return
+            self._state = _CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
 
 
 class Task:

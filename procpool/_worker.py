@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import _containment as containment
 from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
 from ._payload import load_call
@@ -63,25 +64,29 @@ class WorkerSpec:
     initializer: bytes | None  # the initializer function (cloudpickled), run once before the first task
     initargs: tuple[Any, ...]  # its arguments: inherited under fork, pickled by multiprocessing otherwise
     warm_up: bytes | None  # the companion's preparation in each worker (connect to it), best effort
+    cgroup: str | None = None  # the cgroup it moves into at once (else it becomes a subreaper)
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
     os.setpgid(0, 0)  # the parent does the same, whichever runs first
+    subreaper = containment.enter(spec.cgroup)  # before anything can start a process
     if not guard_owner(signal.SIGKILL, spec.parent_pid):
         os._exit(1)  # the owner died before the guard was armed
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked handler must not swallow it
     slot = SlotWriter(spec.shm_name, spec.slot)
     try:
-        serve(spec, slot)
+        serve(spec, slot, subreaper)
     except (EOFError, OSError):
         pass  # the manager or the supervisor is gone: nothing left to work for
     finally:
+        if subreaper:  # its adopted orphans would go to init as it exits: they end with it
+            containment.kill_orphans()
         slot.close()
         spec.conn.close()
 
 
-def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
+def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
     """Take and run tasks until told to stop or ``max_tasks`` are done."""
     global _here
     queue = connect_queue(spec.address, spec.authkey)
@@ -98,6 +103,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
     if spec.warm_up is not None:
         _warm_up(spec.warm_up)
     slot.idle()  # started: from here the manager's memory baseline counts
+    me = os.getpid()
     done = 0
     while spec.max_tasks is None or done < spec.max_tasks:
         item = queue.take(spec.key, IDLE_WAIT)
@@ -111,6 +117,10 @@ def serve(spec: WorkerSpec, slot: SlotWriter) -> None:
         spec.conn.send(("started", task_id, attempt))
         slot.running(task_id)
         message = run_task(task_id, attempt, payload)
+        if os.getpid() != me:
+            os._exit(0)  # a copy the task forked came back here: only the worker itself reports
+        if subreaper:
+            containment.reap()
         slot.finished(message[3], message[5])  # before the result: a caller that has it sees the counts
         spec.conn.send(message)
         if not message[3]:

@@ -194,3 +194,46 @@ def remember(value: object) -> None:
 
 def initialized() -> str | None:
     return os.environ.get("PROCPOOL_TEST_INITIALIZED")
+
+
+def fork_and_return(value: object) -> object:
+    """Forks, and returns ``value`` in both processes: the copy must never act as the worker."""
+    os.fork()
+    return value
+
+
+def _daemonize(pid_file: str, new_session: bool) -> None:
+    """Double-fork a process that keeps every inherited fd open and sleeps; record its pid."""
+    if os.fork() == 0:
+        if new_session:
+            os.setsid()
+        if os.fork() == 0:
+            _write_atomically(pid_file, str(os.getpid()))
+            time.sleep(3600)
+        os._exit(0)
+    while not os.path.exists(pid_file):
+        time.sleep(0.001)
+
+
+def daemon_then_exit(pid_file: str, code: int = 5) -> None:
+    """Leaves a double-forked daemon holding the worker's fds, then the worker exits at once."""
+    _daemonize(pid_file, new_session=True)
+    os._exit(code)
+
+
+def daemon_then_hang(pid_file: str) -> None:
+    """Leaves a double-forked daemon in a session of its own, then hangs until killed."""
+    _daemonize(pid_file, new_session=True)
+    hang()
+
+
+def leave_group_and_hang() -> None:
+    """Moves the worker itself into its parent's process group (a signal to its own group misses it)."""
+    os.setpgid(0, os.getpgid(os.getppid()))
+    hang()
+
+
+def daemon_then_return(pid_file: str) -> str:
+    """Leaves a double-forked daemon in a session of its own, and returns at once."""
+    _daemonize(pid_file, new_session=True)
+    return pid_file

@@ -30,9 +30,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _worker
+from .._containment import Jail, enter, kill_orphans
 from .._memory import TreeSampler
 from .._payload import load_call
-from .._process import escapees, set_parent_death_signal, signal_group
+from .._process import set_parent_death_signal
 from .._scheduling import describe_exit
 from .._worker import run_task
 from .frames import MARKER, FrameReader, encode
@@ -61,7 +62,7 @@ class Agent:
         self.selector.register(term, selectors.EVENT_READ, "term")  # SIGTERM arrived
         self.child: Any = None  # multiprocessing.Process
         self.conn: Connection | None = None
-        self.strays: list[Any] = []  # descendants of the child outside its group, at the deadline
+        self.jail = Jail(0, None)  # the worker child and whatever it started; set with each child
         self.task: tuple[str, int, float] | None = None  # task id, attempt, started (monotonic)
         self.deadline: float | None = None  # the running task's; None once it is killed for it
         self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
@@ -141,7 +142,7 @@ class Agent:
             self.send(message)
             self.ran += 1
             if self.max_tasks is not None and self.ran >= self.max_tasks and self.child is not None:
-                signal_group(self.child.pid, signal.SIGKILL)  # done with it: a fresh one takes over now
+                self.jail.kill()  # done with it: a fresh one takes over now
                 self.on_child_exit()
 
     def on_child_exit(self) -> None:
@@ -153,7 +154,8 @@ class Agent:
                 self.selector.unregister(self.conn)
             self.conn.close()
             self.conn = None
-        signal_group(child.pid, signal.SIGKILL)  # whatever the task left in the group
+        self.jail.kill()  # whatever the task left, in the group or out of it
+        kill_orphans()  # what left the tree came back to this subreaper: it goes too
         self.kill_at = None
         if self.task is None and child.exitcode == _BROKEN_EXIT:
             raise SystemExit(_BROKEN_EXIT)
@@ -170,12 +172,11 @@ class Agent:
     def fire_timers(self, now: float) -> None:
         if self.deadline is not None and now >= self.deadline and self.child is not None:
             self.deadline = None  # marks the task as killed for its deadline
-            self.strays = escapees(self.child.pid)
-            signal_group(self.child.pid, signal.SIGTERM, self.strays)
+            self.jail.signal(signal.SIGTERM)
             self.kill_at = now + self.grace
         if self.kill_at is not None and now >= self.kill_at and self.child is not None:
             self.kill_at, self.escalated = None, True
-            signal_group(self.child.pid, signal.SIGKILL, self.strays)
+            self.jail.kill()
         if now >= self.next_beat:
             self.next_beat = now + self.beat_every
             if now >= self.next_sample:
@@ -204,15 +205,17 @@ class Agent:
         except OSError:
             pass  # it did it first
         self.child, self.conn, self.ran = process, parent, 0
+        self.jail = Jail(process.pid, None)
         self.generation += 1
         self.selector.register(parent, selectors.EVENT_READ, "result")
         self.selector.register(process.sentinel, selectors.EVENT_READ, "exit")
 
     def close(self) -> None:
-        """Kill the child's group (the task and whatever it started)."""
+        """Kill the child and whatever it started, however detached."""
         if self.child is not None:
-            signal_group(self.child.pid, signal.SIGKILL, escapees(self.child.pid))
+            self.jail.kill()
             self.child.join(1.0)
+        kill_orphans()
 
 
 def _child_main(conn: Connection, agents_end: Connection, agent: int, initializer: bytes | None) -> None:
@@ -232,12 +235,16 @@ def _child_main(conn: Connection, agents_end: Connection, agent: int, initialize
         except BaseException:  # noqa: BLE001 - the traceback goes to the link's stderr
             traceback.print_exc()
             os._exit(_BROKEN_EXIT)
+    me = os.getpid()
     while True:
         try:
             task_id, attempt, payload = conn.recv()
         except EOFError:
             return
-        conn.send(run_task(task_id, attempt, payload))
+        outcome = run_task(task_id, attempt, payload)
+        if os.getpid() != me:
+            os._exit(0)  # a copy the task forked came back here: only the child itself reports
+        conn.send(outcome)
 
 
 def main() -> None:
@@ -255,6 +262,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_parent_death_signal(signal.SIGTERM)
+    enter(None)  # a subreaper: what a task detaches (double forks, new sessions) stays its child
     os.write(out, MARKER)
     reader = FrameReader(lambda n: os.read(inp, n))
     agent: Agent | None = None

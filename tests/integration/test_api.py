@@ -167,6 +167,10 @@ def test_bad_input_fails_at_the_call(executor: DistributedExecutor, tmp_path: Pa
         executor.submit_batch([(faults.double, (1,), {}), (faults.double, (threading.Lock(),), {})])
     with pytest.raises(ValueError, match="batch item 0"):
         executor.submit_batch([faults.double])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="kwargs keys must be argument names"):
+        executor.submit_task(faults.double, kwargs={1: 2})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"pass \['task-1'\]"):
+        executor.wait_for_tasks("task-1")
     assert executor.get_stats()["total_tasks"] == 0  # nothing half-submitted
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from procpool import TaskPriority, TaskStatus
-from procpool._callbacks import Callbacks
+from procpool._callbacks import Callbacks, Lane
 from procpool._errors import RemoteTaskError, RemoteTraceback
 from procpool._ledger import Ledger, rebuild_error
 from procpool._metrics import MetricsBlock
@@ -31,7 +31,9 @@ class FakeCallbacks(Callbacks):
 @pytest.fixture
 def ledger() -> Iterator[Ledger]:
     block = MetricsBlock(slots=1)
-    yield Ledger(block, FakeCallbacks(), {})
+    lane = Lane("test-futures")
+    yield Ledger(block, FakeCallbacks(), {}, lane)
+    lane.close()
     block.close()
 
 
@@ -54,7 +56,7 @@ def test_a_task_through_a_retry_to_completion(ledger: Ledger) -> None:
     assert ledger.metrics.counters.depth[TaskPriority.HIGH] == 1 and ledger.metrics.counters.retried == 1
     ledger.move(task, TaskStatus.RUNNING)
     ledger.move(task, TaskStatus.COMPLETED, 0.25, result=7)
-    assert task.future.result(0) == 7 and task.payload is None
+    assert task.future.result(5) == 7 and task.payload is None
     assert task.record.execution_time == 0.25 and task.record.attempts == 2
     assert ledger.unfinished() == 0 and ledger.metrics.counters.states[2] == 1
     assert ledger.callbacks.fired == [  # type: ignore[attr-defined]
@@ -69,7 +71,7 @@ def test_terminal_moves_are_final(ledger: Ledger) -> None:
     with pytest.raises(AssertionError, match="illegal"):
         ledger.move(task, TaskStatus.RUNNING)
     with pytest.raises(ValueError):
-        task.future.result(0)
+        task.future.result(5)
 
 
 def test_rebuilt_errors_carry_the_worker_traceback() -> None:
@@ -86,5 +88,5 @@ def test_a_futures_api_task_leaves_the_records_when_it_ends(ledger: Ledger) -> N
     ledger.move(task, TaskStatus.RUNNING, worker="w")
     assert task.task_id in ledger.tasks
     ledger.move(task, TaskStatus.COMPLETED, 0.1, result=3)
-    assert task.task_id not in ledger.tasks and task.future.result(0) == 3
+    assert task.task_id not in ledger.tasks and task.future.result(5) == 3
     assert ledger.metrics.counters.states[2] == 1  # counted all the same

@@ -1,0 +1,200 @@
+"""Tasks and callers that misbehave the way real code does: the pool holds, and says what happened."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import faults
+import pytest
+from conftest import end_process, pid_alive, wait_until
+
+from procpool import DistributedExecutor, TaskStatus, WorkerLostError
+from procpool._containment import Jails
+
+Make = Callable[..., DistributedExecutor]
+
+
+@pytest.fixture
+def pid_files(tmp_path: Path) -> Iterator[list[Path]]:
+    """Where tasks record the pids of what they started; anything still alive is killed at the end."""
+    made: list[Path] = []
+    yield made
+    for path in made:
+        if path.exists() and pid_alive(pid := int(path.read_text())):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_task_that_forks_and_returns_twice_reports_once(make_executor: Make) -> None:
+    executor = make_executor(max_local_workers=1)
+    ids = [executor.submit_task(faults.fork_and_return, (i,)) for i in range(5)]
+    assert executor.wait_for_tasks(ids, timeout=30) == list(range(5))
+    stats = executor.get_stats()
+    assert stats["completed_tasks"] == 5 and stats["workers"]["local-worker-0"]["restarts"] == 0
+    assert executor.submit(faults.double, 4).result(timeout=10) == 8  # the worker itself serves on
+
+
+def test_a_worker_death_is_seen_at_once_though_a_daemon_holds_its_fds(
+    make_executor: Make, tmp_path: Path, pid_files: list[Path]
+) -> None:
+    executor = make_executor(max_local_workers=1, max_retries=0, heartbeat_timeout=30)
+    pid_files.append(tmp_path / "daemon")
+    start = time.monotonic()
+    task_id = executor.submit_task(faults.daemon_then_exit, (str(pid_files[0]),))
+    with pytest.raises(WorkerLostError, match="exited with code 5"):
+        executor.get_task_result(task_id, timeout=20)
+    assert time.monotonic() - start < 5  # seen by its pidfd, not after the 30 s heartbeat
+    assert executor.submit(faults.double, 1).result(timeout=10) == 2
+
+
+def test_a_first_result_wins_callback_may_cancel_its_siblings(make_executor: Make, tmp_path: Path) -> None:
+    executor = make_executor(max_local_workers=2)
+    gate = tmp_path / "never"
+    futures = [executor.submit(faults.double, 1)] + [
+        executor.submit(faults.wait_for_file, str(gate)) for _ in range(3)
+    ]
+    seen: list[bool] = []
+
+    def first_wins(done: object) -> None:
+        for other in futures[1:]:
+            seen.append(executor.cancel_task(other.task_id))  # type: ignore[attr-defined]
+
+    futures[0].add_done_callback(first_wins)
+    assert futures[0].result(timeout=10) == 2
+    assert wait_until(lambda: len(seen) == 3, 10) and all(seen)
+    assert all(f.cancelled() for f in futures[1:])
+    assert executor.submit(faults.double, 5).result(timeout=10) == 10  # the pool goes on
+
+
+def test_shutdown_from_a_callback_while_the_caller_shuts_down_too(make_executor: Make) -> None:
+    executor = make_executor()
+    executor.register_callback("task_complete", lambda record: executor.shutdown(wait=True))
+    future = executor.submit(faults.sleep_then, 0.1, "done")
+    future.add_done_callback(lambda f: executor.shutdown(wait=True))
+    start = time.monotonic()
+    executor.shutdown(wait=True)
+    assert time.monotonic() - start < 10 and future.result(timeout=0) == "done"
+
+
+def test_a_callback_that_raises_systemexit_is_logged_and_the_next_runs(
+    make_executor: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = make_executor()
+    ran: list[str] = []
+
+    def exits(record: object) -> None:
+        raise SystemExit(3)
+
+    executor.register_callback("task_complete", exits)
+    executor.register_callback("task_complete", lambda record: ran.append(record.task_id))  # type: ignore[attr-defined]
+    with caplog.at_level(logging.ERROR, logger="procpool"):
+        ids = [executor.submit_task(faults.double, (i,)) for i in range(10)]
+        executor.wait_for_tasks(ids, timeout=10)
+        assert wait_until(lambda: len(ran) == 10, 10)
+    assert sorted(ran) == sorted(ids)
+    assert sum("SystemExit" in (r.exc_text or "") for r in caplog.records) == 10
+
+
+def test_a_deadline_a_month_away_does_not_break_the_supervisor(make_executor: Make) -> None:
+    executor = make_executor(heartbeat_timeout=None, memory_sample_interval=None)
+    task_id = executor.submit_task(faults.sleep_then, (0.2, "late"), timeout=30 * 24 * 3600)
+    assert executor.get_task_result(task_id, timeout=10) == "late"
+    assert executor.get_task(task_id).status is TaskStatus.COMPLETED
+
+
+@pytest.fixture(params=["cgroup", "subreaper"])
+def containment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each containment test runs with a cgroup per worker (where one can be made) and without."""
+    if request.param == "subreaper":
+        monkeypatch.setenv("PROCPOOL_NO_CGROUP", "1")
+        return "subreaper"
+    probe = Jails()
+    available = probe.root is not None
+    probe.close()
+    if not available:
+        pytest.skip("no writable cgroup v2 here: only the subreaper fallback applies")
+    return "cgroup"
+
+
+def _gone(pid_file: Path) -> bool:
+    return pid_file.exists() and not pid_alive(int(pid_file.read_text()))
+
+
+@pytest.mark.parametrize("fn", [faults.daemon_then_hang, faults.spawn_escapee_and_hang])
+def test_a_detached_daemon_dies_with_its_task_at_the_deadline(
+    make_executor: Make, tmp_path: Path, pid_files: list[Path], containment: str, fn: Callable[..., None]
+) -> None:
+    executor = make_executor(max_local_workers=1, kill_grace=0.2)
+    pid_files.append(tmp_path / "daemon")
+    task_id = executor.submit_task(fn, (str(pid_files[0]),), timeout=1.0)
+    with pytest.raises(TimeoutError):
+        executor.get_task_result(task_id, timeout=20)
+    assert wait_until(lambda: _gone(pid_files[0]), 5), f"the daemon outlived its task ({containment})"
+
+
+def test_a_daemon_left_by_a_finished_task_dies_with_its_worker(
+    make_executor: Make, tmp_path: Path, pid_files: list[Path], containment: str
+) -> None:
+    executor = make_executor(max_local_workers=1, max_tasks_per_worker=1)
+    pid_files.append(tmp_path / "daemon")
+    executor.submit(faults.daemon_then_return, str(pid_files[0])).result(timeout=20)
+    assert wait_until(lambda: _gone(pid_files[0]), 5), f"the daemon outlived its worker ({containment})"
+    assert executor.submit(faults.double, 3).result(timeout=20) == 6
+
+
+def test_a_task_that_leaves_its_group_is_still_killed(make_executor: Make, containment: str) -> None:
+    executor = make_executor(max_local_workers=1, kill_grace=0.2)
+    task_id = executor.submit_task(faults.leave_group_and_hang, timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        executor.get_task_result(task_id, timeout=20)
+    assert time.monotonic() - start < 5
+    assert executor.submit(faults.double, 3).result(timeout=20) == 6
+
+
+def test_daemons_die_at_shutdown(tmp_path: Path, pid_files: list[Path], containment: str) -> None:
+    pid_files.append(tmp_path / "daemon")
+    with DistributedExecutor(max_local_workers=1, kill_grace=0.2) as executor:
+        executor.submit(faults.daemon_then_return, str(pid_files[0])).result(timeout=20)
+        assert pid_alive(int(pid_files[0].read_text()))
+    assert wait_until(lambda: _gone(pid_files[0]), 5), f"the daemon outlived the pool ({containment})"
+
+
+OWNER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import faults
+from procpool import DistributedExecutor
+if __name__ == "__main__":
+    ex = DistributedExecutor(max_local_workers=1)
+    ex.submit_task(faults.daemon_then_hang, ({pid_file!r},))
+    while not os.path.exists({pid_file!r}):
+        time.sleep(0.01)
+    print("ready", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_daemon_dies_when_the_owner_is_killed(tmp_path: Path, pid_files: list[Path]) -> None:
+    probe = Jails()
+    available = probe.root is not None
+    probe.close()
+    if not available:
+        pytest.skip("needs a writable cgroup v2: a subreaper's orphans go to init when the owner is killed")
+    pid_files.append(tmp_path / "daemon")
+    script = OWNER.format(tests=str(Path(faults.__file__).parent), pid_file=str(pid_files[0]))
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
+        assert pid_alive(int(pid_files[0].read_text()))
+        owner.kill()
+        owner.wait(10)
+        assert wait_until(lambda: _gone(pid_files[0]), 10), "the daemon outlived its killed owner"
+    finally:
+        end_process(owner)
