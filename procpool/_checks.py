@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._health import Verdict, heartbeat_interval, judge, silent_for
+from ._health import Verdict, heartbeat_interval, judge, parse_stat, silent_for
 from ._metrics import MB, SlotHealth, read_health
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ __all__ = ("HealthChecks",)
 
 log = logging.getLogger("procpool._supervisor")
 
+_STATES = {"T": "stopped", "t": "stopped", "D": "in an uninterruptible wait"}
 _HEALTH_PERIOD_MIN = 0.05  # seconds; health checks read shared memory only, but need not spin
 
 
@@ -66,14 +67,18 @@ class HealthChecks:
             pid = w.process.pid
             health = read_health(buf, w.slot)
             self._warn_memory(w, health)
+            if self.cfg.heartbeat_timeout is not None and silent_for(now, w.alive_at, pid, health) > 2 * (
+                heartbeat_interval(self.cfg.heartbeat_timeout)
+            ):
+                self._look_for_life(w, now)
             verdict = judge(
-                now, w.spawned, pid, health, heartbeat_timeout=self.cfg.heartbeat_timeout,
+                now, w.alive_at, pid, health, heartbeat_timeout=self.cfg.heartbeat_timeout,
                 memory_limit=None if mb is None else int(mb * MB), hard=self.cfg.hard_memory_limit,
                 busy=w.lease is not None,
             )  # fmt: skip
             if verdict is Verdict.HUNG:
-                silent = silent_for(now, w.spawned, pid, health)
-                w.note = f"sent no heartbeat for {silent:.1f} s (stopped or wedged?)"
+                silent = silent_for(now, w.alive_at, pid, health)
+                w.note = f"sent no heartbeat and used no CPU for {silent:.1f} s ({w.state_seen})"
                 log.warning("worker %s (pid %d) %s; killing and replacing it", w.name, pid, w.note)
                 self._publish_slot(w.slot, w.name, pid, active=True, healthy=False)
                 self._doom(w, "hung", w.lease)
@@ -86,6 +91,18 @@ class HealthChecks:
                 log.info("worker %s (pid %d) %s; replacing it after its current task", w.name, pid, used)
                 w.recycling = True
                 self._retire(w.key)
+
+    def _look_for_life(self, w: Any, now: float) -> None:
+        """A silent worker whose CPU time grows and that is not stopped is busy, not hung."""
+        try:
+            with open(f"/proc/{w.process.pid}/stat") as f:
+                state, ticks = parse_stat(f.read())
+        except (OSError, ValueError, IndexError):
+            return  # gone, or no /proc: the heartbeat alone decides
+        w.state_seen = _STATES.get(state, "wedged")
+        if 0 <= w.cpu_ticks < ticks and state not in ("T", "t"):
+            w.alive_at = now  # busy in a call that holds the GIL: that is life
+        w.cpu_ticks = ticks
 
     def _warn_memory(self, w: Any, health: SlotHealth) -> None:
         threshold = self.cfg.memory_threshold_mb

@@ -10,7 +10,7 @@ import enum
 
 from ._metrics import SlotHealth
 
-__all__ = ("Verdict", "heartbeat_interval", "judge", "recycle_limit", "silent_for")
+__all__ = ("Verdict", "heartbeat_interval", "judge", "parse_stat", "recycle_limit", "silent_for")
 
 _BEATS_PER_TIMEOUT = 4  # a worker may miss three beats before it is judged hung
 _MAX_BEAT_INTERVAL = 1.0  # seconds; beats cost a few microseconds, so no need to be sparing
@@ -30,8 +30,20 @@ def heartbeat_interval(timeout: float | None) -> float:
     return min(timeout / _BEATS_PER_TIMEOUT, _MAX_BEAT_INTERVAL)
 
 
+def parse_stat(text: str) -> tuple[str, int]:
+    """A process's state letter and CPU time in clock ticks, from its ``/proc/<pid>/stat``.
+
+    A busy task is not a hung one: a C call that holds the GIL silences the
+    heartbeat thread, but its CPU time still grows. A stopped process (T, t)
+    or one whose CPU time stands still is what "hung" means.
+    """
+    rest = text[text.rindex(")") + 2 :].split()  # the name in parentheses may hold spaces
+    return rest[0], int(rest[11]) + int(rest[12])  # state; utime + stime
+
+
 def silent_for(now: float, spawned: float, pid: int, health: SlotHealth) -> float:
-    """Seconds since worker ``pid`` last showed life (its start counts as one)."""
+    """Seconds since worker ``pid`` last showed life (its start, or ``spawned`` as
+    the caller's latest other sign of life, counts as one)."""
     beat = health.heartbeat if health.worker_pid == pid else 0.0  # else it is the last process's
     return now - max(spawned, beat)
 

@@ -98,6 +98,9 @@ class Worker:
     poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
     host: RemoteHost | None = None  # for a remote slot's link process: its host
     pidfd: int = -1  # readable once the process has exited (os.pidfd_open)
+    alive_at: float = 0.0  # monotonic: its start, or when its CPU time last grew while silent
+    cpu_ticks: int = -1  # its CPU time (clock ticks) at the last look; -1 before the first
+    state_seen: str = "wedged"  # what /proc said of it at the last look
     init_error: BaseException | None = None  # what its initializer raised, if it did
 
     def readable(self) -> bool:
@@ -235,7 +238,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         except OSError:
             pass  # it already did (or exec'd, under spawn)
         w = self.workers[slot] = Worker(
-            name, key, slot, process, reader, poller=select.poll(), spawned=time.monotonic(), host=host,
+            name, key, slot, process, reader, poller=select.poll(), spawned=(now := time.monotonic()),
+            alive_at=now, host=host,
             pidfd=os.pidfd_open(process.pid),  # before it can be reaped: the pid is still its own
             jail=Jail(process.pid, cgroup),
         )  # fmt: skip

@@ -237,3 +237,8 @@ def daemon_then_return(pid_file: str) -> str:
     """Leaves a double-forked daemon in a session of its own, and returns at once."""
     _daemonize(pid_file, new_session=True)
     return pid_file
+
+
+def hold_gil(seconds: float) -> int:
+    """Busy in one C call that never lets the GIL go (the heartbeat thread falls silent)."""
+    return sum(range(int(seconds * 4e7)))  # builtin sum over a range: no bytecode runs meanwhile

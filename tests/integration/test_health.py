@@ -112,10 +112,21 @@ def test_a_stopped_worker_is_replaced_and_its_task_retried(
     assert wait_until(lambda: only_worker(executor)["healthy"] is False, 5)
     assert executor.get_task_result(task_id, timeout=20) == "done"
     record = executor.get_task(task_id)
-    assert record.attempts == 2 and "sent no heartbeat" in str(record.error)
+    assert record.attempts == 2 and "(stopped)" in str(record.error)
     view = only_worker(executor)
     assert view["pid"] != stopped and view["restarts"] == 1 and view["healthy"] is True
     assert "sent no heartbeat" in caplog.text
+
+
+def test_a_task_busy_in_c_with_the_gil_held_is_not_taken_for_hung(
+    make_executor: Callable[..., DistributedExecutor],
+) -> None:
+    # Its heartbeat thread cannot run for 4 s, but its CPU time grows: busy, not hung.
+    executor = make_executor(max_local_workers=1, heartbeat_timeout=1.0, max_retries=1)
+    task_id = executor.submit_task(faults.hold_gil, args=(4.0,), timeout=60)
+    assert executor.get_task_result(task_id, timeout=60) == sum(range(int(4.0 * 4e7)))
+    record = executor.get_task(task_id)
+    assert record.attempts == 1 and only_worker(executor)["restarts"] == 0
 
 
 def test_an_idle_stopped_worker_is_replaced(make_executor: Callable[..., DistributedExecutor]) -> None:

@@ -67,3 +67,11 @@ def test_memory_of_another_or_a_starting_process_is_not_judged() -> None:
 @pytest.mark.parametrize(("timeout", "interval"), [(None, 1.0), (30.0, 1.0), (1.0, 0.25)])
 def test_beats_come_several_times_per_timeout(timeout: float | None, interval: float) -> None:
     assert heartbeat_interval(timeout) == interval
+
+
+def test_proc_stat_gives_state_and_cpu_ticks_even_with_spaces_in_the_name() -> None:
+    from procpool._health import parse_stat
+
+    text = "4123 (python (my task)) S 1 4123 4123 0 -1 4194560 1 0 0 0 250 17 0 0 20 0 3 0 99 0 0"
+    assert parse_stat(text) == ("S", 267)
+    assert parse_stat(open("/proc/self/stat").read())[0] in "RS"
