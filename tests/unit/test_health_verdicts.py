@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from procpool._health import Verdict, heartbeat_interval, judge, recycle_limit, silent_for
@@ -74,4 +76,4 @@ def test_proc_stat_gives_state_and_cpu_ticks_even_with_spaces_in_the_name() -> N
 
     text = "4123 (python (my task)) S 1 4123 4123 0 -1 4194560 1 0 0 0 250 17 0 0 20 0 3 0 99 0 0"
     assert parse_stat(text) == ("S", 267)
-    assert parse_stat(open("/proc/self/stat").read())[0] in "RS"
+    assert parse_stat(Path("/proc/self/stat").read_text())[0] in "RS"
