@@ -78,12 +78,14 @@ class Callbacks:
             raise TypeError(f"callback for {event!r} must be callable, not {type(fn).__name__}")
         self._by_event[event] = [*self._by_event[event], fn]  # replaced whole: fire() reads it unlocked
 
-    def fire(self, event: str | None, record: Any) -> None:
-        """Queue every callback of ``event`` with ``record``."""
+    def fire(self, event: str | None, record: Any) -> int:
+        """Queue every callback of ``event`` with ``record``; returns how many."""
         if event is None:
-            return
-        for fn in self._by_event[event]:
+            return 0
+        callbacks = self._by_event[event]
+        for fn in callbacks:
             self.lane.put(fn, record)
+        return len(callbacks)
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""

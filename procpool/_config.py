@@ -44,6 +44,8 @@ class Config:
     hard_memory_limit: bool  # also kill a task whose worker passes it mid-task
     memory_threshold_mb: float | None  # log a warning when a worker passes this
     mp_context: Any = None  # the caller's own multiprocessing context, if given (mp_context=)
+    max_finished_tasks: int | None = 10_000  # finished records kept for get_task (None: all)
+    finished_task_ttl: float | None = 3600.0  # seconds a finished record is kept (None: for ever)
 
     @property
     def context(self) -> Any:  # a ForkContext, SpawnContext, ...; typeshed lacks .Process on the base
@@ -70,6 +72,8 @@ class Config:
         method = method or default_start_method()
         if method not in START_METHODS:
             raise ValueError(f"start_method must be one of {', '.join(START_METHODS)}, not {method!r}")
+        if values.get("max_finished_tasks") is not None:
+            _check_int("max_finished_tasks", values["max_finished_tasks"], minimum=0)
         memory = _optional_positive(values, "max_worker_memory_mb")
         interval = _optional_positive(values, "memory_sample_interval")
         if memory is not None and interval is None:
@@ -91,6 +95,10 @@ class Config:
             hard_memory_limit=bool(values["hard_memory_limit"]),
             memory_threshold_mb=_optional_positive(values, "memory_threshold_mb"),
             mp_context=context,
+            max_finished_tasks=values.get("max_finished_tasks", 10_000),
+            finished_task_ttl=_optional_positive(
+                {"finished_task_ttl": values.get("finished_task_ttl", 3600.0)}, "finished_task_ttl"
+            ),
         )
 
 

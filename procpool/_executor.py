@@ -84,6 +84,11 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             Local workers only.
         max_remote_workers: remote worker slots the pool can hold, over all
             hosts (with ``enable_remote``).
+        max_finished_tasks, finished_task_ttl: how many finished tasks, and
+            for how many seconds, ``get_task`` and ``get_task_result`` can still
+            read by id; older ones are released, so memory follows what is
+            pending and what the caller holds (a Future keeps its own result).
+            None keeps them all, or for ever. Counts in ``get_stats()`` stay exact.
         max_workers, mp_context, max_tasks_per_child: the names
             ``ProcessPoolExecutor`` uses for ``max_local_workers``,
             ``start_method`` (a context) and ``max_tasks_per_worker``.
@@ -114,6 +119,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         max_workers: int | None = None,
         mp_context: BaseContext | None = None,
         max_tasks_per_child: int | None = None,
+        max_finished_tasks: int | None = 10_000,
+        finished_task_ttl: float | None = 3600.0,
     ) -> None:
         max_local_workers = _alias("max_workers", max_workers, "max_local_workers", max_local_workers, 3) or 0
         max_tasks_per_worker = _alias(
@@ -128,6 +135,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             kill_grace=kill_grace,
             start_method=start_method,
             mp_context=mp_context,
+            max_finished_tasks=max_finished_tasks,
+            finished_task_ttl=finished_task_ttl,
             heartbeat_timeout=heartbeat_timeout,
             memory_sample_interval=memory_sample_interval,
             max_worker_memory_mb=max_worker_memory_mb,
@@ -337,13 +346,14 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             The task's own exception, TaskTimeoutError, TaskCancelledError or
             WorkerLostError when it did not complete.
         """
-        future = self._task(task_id).future
+        task = self._task(task_id)
+        future = task.future
         if not wait and not future.done():
             return None
         try:
             return future.result(timeout)
         except concurrent.futures.CancelledError:
-            error = self._tasks[task_id].record.error
+            error = task.record.error
             raise (
                 error if error is not None else TaskCancelledError(f"task {task_id} was cancelled")
             ) from None
@@ -351,6 +361,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             if future.done():
                 raise
             raise TimeoutError(f"task {task_id} has not finished after {timeout} s") from None
+        finally:
+            task.collected = future.done()  # read: from now on it may be released
 
     def wait_for_tasks(self, task_ids: Sequence[str], timeout: float | None = 60) -> list[Any]:
         """Wait for tasks; return their results in order, with the error object in place of a failure.
@@ -365,6 +377,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         if pending:
             ids = [t.task_id for t in tasks if t.future in pending]
             raise TimeoutError(f"{len(ids)} of {len(tasks)} tasks unfinished after {timeout} s: {ids[:10]}")
+        for task in tasks:
+            task.collected = True
         return [t.record.result if t.record.status is TaskStatus.COMPLETED else t.record.error for t in tasks]
 
     def cancel_task(self, task_id: str) -> bool:
@@ -405,9 +419,12 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
     def _why_unknown(self, task_id: object) -> str:
         number = task_id[5:] if isinstance(task_id, str) and task_id.startswith("task-") else ""
         if number.isdecimal() and 0 < int(number) <= self._last_seq:
+            cfg = self._config
             return (
-                f"task id {task_id!r} was released: it was made by submit() or map(), "
-                f"whose Future alone keeps the outcome once the task ends"
+                f"task id {task_id!r} was released: it finished, and the executor keeps a finished "
+                f"task for {cfg.finished_task_ttl} s and at most {cfg.max_finished_tasks} of them "
+                f"(max_finished_tasks, finished_task_ttl); one made by submit() or map() is released "
+                f"at once, its Future holding the outcome"
             )
         return f"unknown task id {task_id!r}"
 

@@ -7,6 +7,8 @@ when it ends, and queues the callbacks of its event.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from typing import Any
 
 import cloudpickle
@@ -39,10 +41,18 @@ class Ledger:
     """Moves tasks between states and keeps the pool counters in step."""
 
     def __init__(
-        self, block: metrics.MetricsBlock, callbacks: Callbacks, tasks: dict[str, Task], futures: Lane
+        self,
+        block: metrics.MetricsBlock,
+        callbacks: Callbacks,
+        tasks: dict[str, Task],
+        futures: Lane,
+        keep: tuple[int | None, float | None] = (None, None),
     ) -> None:
         self.metrics = block
         self.callbacks = callbacks
+        # Finished records kept by id, oldest first: at most keep[0], none older than keep[1] s.
+        self.finished: OrderedDict[str, float] = OrderedDict()
+        self.keep_count, self.keep_seconds = keep
         self.futures = futures  # settles Futures off this thread: their done-callbacks are user code
         self.tasks = tasks  # the executor's records by id; a task not kept leaves it when it ends
 
@@ -81,10 +91,29 @@ class Ledger:
             task.future.set_running_or_notify_cancel()  # Future.running() from its first start
         if status in TERMINAL:
             task.payload = None
-            if not task.keep:
+            if task.keep:
+                self._release_old(task.task_id)
+            else:
                 self.tasks.pop(task.task_id, None)
             self.futures.put(_settle_future, (task.future, rec))
-        self.callbacks.fire(EVENT_OF.get(status), rec)
+        if self.callbacks.fire(EVENT_OF.get(status), rec) and status in TERMINAL:
+            task.collected = True  # a callback has it
+
+    def _release_old(self, task_id: str) -> None:
+        """Let go of old finished records: past the time bound always; past the count bound
+        once collected (its result read, or handed to a callback), oldest first."""
+        now = time.monotonic()
+        self.finished[task_id] = now
+        count, seconds = self.keep_count, self.keep_seconds
+        while self.finished:
+            oldest, at = next(iter(self.finished.items()))
+            task = self.tasks.get(oldest)
+            expired = seconds is not None and now - at > seconds
+            over = count is not None and len(self.finished) > count
+            if not (expired or (over and (task is None or task.collected))):
+                break
+            del self.finished[oldest]
+            self.tasks.pop(oldest, None)
 
 
 def _settle_future(item: tuple[TaskFuture, TaskRecord]) -> None:

@@ -138,7 +138,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         self.jails = Jails()
         self._busy_jails: list[Jail] = []  # killed, their cgroups not yet empty: removed later
         self._generation = itertools.count()
-        self.ledger = Ledger(self.metrics, executor._callbacks, executor._tasks, executor._futures_lane)
+        keep = (self.cfg.max_finished_tasks, self.cfg.finished_task_ttl)
+        self.ledger = Ledger(self.metrics, executor._callbacks, executor._tasks, executor._futures_lane, keep)
         self._slot_sections = [self.metrics.supervisor_section(i) for i in range(len(self._crashes))]
 
     # -- messages from other threads -------------------------------------

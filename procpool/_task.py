@@ -97,6 +97,7 @@ class Task:
 
     __slots__ = (
         "attempt",
+        "collected",
         "future",
         "keep",
         "name",
@@ -138,6 +139,7 @@ class Task:
         # Future alone holds the outcome. submit_task() retries errors and keeps the record.
         self.retry_errors = not futures_api
         self.keep = not futures_api
+        self.collected = False  # its outcome was read (get_task_result, wait_for_tasks) or sent to a callback
         self.record = TaskRecord(
             task_id, TaskStatus.PENDING, priority, name, 0, None, submitted_at=submitted_at
         )

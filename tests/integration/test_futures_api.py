@@ -203,3 +203,20 @@ def test_a_submit_after_interpreter_shutdown_says_so() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.splitlines() == ["42", "cannot schedule new futures after interpreter shutdown"]
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_finished_records_are_kept_until_collected_then_within_bounds(
+    make_executor: Callable[..., DistributedExecutor],
+) -> None:
+    executor = make_executor(max_finished_tasks=3)
+    ids = executor.submit_batch([(faults.double, (i,)) for i in range(10)])
+    assert wait_until(lambda: executor.get_stats()["completed_tasks"] == 10, 20)
+    assert executor.wait_for_tasks(ids, timeout=10) == [2 * i for i in range(10)]  # none collected: all kept
+    more = executor.submit_batch([(faults.double, (i,)) for i in range(3)])
+    executor.wait_for_tasks(more, timeout=10)
+    assert wait_until(lambda: ids[0] not in executor._tasks, 5)  # type: ignore[attr-defined]
+    with pytest.raises(KeyError, match="was released"):
+        executor.get_task_result(ids[0])
+    assert len(executor._tasks) <= 4  # type: ignore[attr-defined]
+    stats = executor.get_stats()
+    assert stats["completed_tasks"] == stats["total_tasks"] == 13  # the counts stay exact
