@@ -59,10 +59,19 @@ def run(args: argparse.Namespace) -> int:
     broken: list[str] = []
     frozen: list[psutil.Process] = []  # agents stopped on purpose
     try:
-        with sshd.loopback_hosts(args.remote) as hosts, DistributedExecutor(
-            max_local_workers=args.workers, task_timeout=20, max_retries=3, kill_grace=0.3,
-            heartbeat_timeout=2.0, enable_remote=bool(hosts), **options,
-        ) as ex:  # fmt: skip
+        with (
+            sshd.loopback_hosts(args.remote) as hosts,
+            DistributedExecutor(
+                max_local_workers=args.workers,
+                task_timeout=20,
+                max_retries=3,
+                kill_grace=0.3,
+                heartbeat_timeout=2.0,
+                enable_remote=bool(hosts),
+                max_finished_tasks=None,
+                **options,
+            ) as ex,
+        ):  # fmt: skip  (every record is checked at the end)
             for event in ("task_complete", "task_failed", "task_cancelled"):
                 ex.register_callback(event, state.count)
             for host in hosts:

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with DistributedExecutor(
             max_local_workers=args.workers,
+            max_finished_tasks=None,  # every record is checked at the end
             task_timeout=10,
             max_retries=2,
             kill_grace=0.3,
