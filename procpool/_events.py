@@ -21,6 +21,7 @@ from ._states import TERMINAL, TaskStatus
 from ._task import Task
 
 if TYPE_CHECKING:
+    from ._callbacks import Lane
     from ._config import Config
     from ._executor import DistributedExecutor
     from ._queue import TaskQueueProxy
@@ -31,6 +32,23 @@ __all__ = ("TaskEvents",)
 log = logging.getLogger(__name__)
 
 
+def _decode(item: tuple[Any, Any, Task, tuple[Any, ...]]) -> None:
+    """On the decoder lane: the attempt's value or error, handed back to the supervisor."""
+    supervisor, w, task, message = item
+    _, _, _, ok, _, _, blob, type_name, text, tb = message
+    outcome: tuple[str, Any]
+    if ok:
+        try:
+            outcome = ("value", cloudpickle.loads(blob))
+        except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
+            why = f"the result could not be unpickled: {exc}"
+            outcome = ("bad", RemoteTaskError(type(exc).__name__, why, ""))
+    else:
+        outcome = ("error", rebuild_error(blob, type_name, text, tb))
+    del item, blob
+    supervisor.call(lambda: supervisor._on_decoded(w, task, message, outcome))
+
+
 class TaskEvents:
     """Mixed into Supervisor; uses its ledger, timers, queue and workers."""
 
@@ -38,6 +56,8 @@ class TaskEvents:
         cfg: Config
         ex: DistributedExecutor
         ledger: Ledger
+        decoder: Lane
+        decoding: set[tuple[str, int]]
         queue: TaskQueueProxy | None
         _init_failures: int
         timers: Timers
@@ -69,33 +89,43 @@ class TaskEvents:
         return task
 
     def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
-        self._settle_done(w, message)
-        if not message[3]:
-            # A worker that failed a task waits for this before taking another,
-            # so that a retry is back in its place before the next take.
-            try:
-                w.conn.send(True)
-            except OSError:
-                pass  # it died meanwhile; its sentinel tells the rest
+        """An attempt ended in the worker: its outcome is unpickled on the decoder lane.
 
-    def _settle_done(self, w: Worker, message: tuple[Any, ...]) -> None:
-        _, task_id, attempt, ok, retryable, elapsed, blob, type_name, text, tb = message
+        Unpickling runs user code (``__setstate__``, an exception's ``__reduce__``) and may
+        take long; the supervisor never waits for it. The task stays RUNNING meanwhile,
+        its deadline no longer counting: it has stopped running.
+        """
+        _, task_id, attempt, ok = message[:4]
         w.lease = None
         task = self.ex._tasks.get(task_id)
         if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.fenced:
+            if not ok:
+                self._go_ahead(w)
             return  # a stale attempt, or one being killed: fenced out
         self.timers.discard(("deadline", task_id, attempt))
-        if ok:
-            try:
-                value = cloudpickle.loads(blob)
-            except BaseException as exc:  # noqa: BLE001
-                bad = RemoteTaskError(type(exc).__name__, f"the result could not be unpickled: {exc}", "")
-                self._fail_attempt(task, w.name, bad, retryable=False, elapsed=elapsed)
-                return
-            self.ledger.move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
-            return
-        error = rebuild_error(blob, type_name, text, tb)
-        self._fail_attempt(task, w.name, error, retryable=retryable and task.retry_errors, elapsed=elapsed)
+        self.decoding.add((task_id, attempt))
+        self.decoder.put(_decode, (self, w, task, message))
+
+    def _on_decoded(self, w: Worker, task: Task, message: tuple[Any, ...], outcome: tuple[str, Any]) -> None:
+        attempt, ok, retryable, elapsed = message[2], message[3], message[4], message[5]
+        self.decoding.discard((task.task_id, attempt))
+        if task.attempt == attempt and task.status is TaskStatus.RUNNING:  # not cancelled meanwhile
+            kind, value = outcome
+            if kind == "value":
+                self.ledger.move(task, TaskStatus.COMPLETED, elapsed, result=value, finished_at=time.time())
+            else:
+                again = kind == "error" and retryable and task.retry_errors
+                self._fail_attempt(task, w.name, value, retryable=again, elapsed=elapsed)
+        if not ok:
+            self._go_ahead(w)
+
+    def _go_ahead(self, w: Worker) -> None:
+        # A worker that failed a task waits for this before taking another,
+        # so that a retry is back in its place before the next take.
+        try:
+            w.conn.send(True)
+        except OSError:
+            pass  # it died meanwhile; its pidfd tells the rest
 
     def _fail_attempt(
         self, task: Task, worker: str, error: BaseException, retryable: bool, elapsed: float | None = None
@@ -162,6 +192,8 @@ class TaskEvents:
             holder = None if where == "removed" else where
         if holder is not None and not kill:
             return False  # a worker holds it: it has begun, its "started" not read yet
+        if (task_id, task.attempt) in self.decoding:
+            holder = None  # it has ended in its worker (its outcome is being unpickled): no kill
         if holder is not None:
             w = self._worker_named(holder)
             if w is not None:

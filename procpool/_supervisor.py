@@ -30,17 +30,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
+import pickle
 import selectors
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
+from ._callbacks import Lane
 from ._checks import HealthChecks
 from ._containment import Jail, Jails
 from ._errors import (
@@ -49,6 +50,7 @@ from ._errors import (
 )
 from ._events import TaskEvents
 from ._health import heartbeat_interval
+from ._inbox import Inbox
 from ._ledger import Ledger, rebuild_error
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
 _REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
+_BIG_FRAME = 1 << 20  # bytes; a message this long (a big result) is unpickled off this thread
 # seconds; the longest single wait of the loop: epoll takes at most ~24.8 days in milliseconds,
 # and a deadline that far off (timeout=30 days) is simply waited for in steps.
 _MAX_WAIT = 3600.0
@@ -95,7 +98,8 @@ class Worker:
     recycling: bool = False  # retired for its memory; ends after its current task
     over_threshold: bool = False  # above memory_threshold_mb at the last check (warned once)
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
-    poller: Any = None  # select.poll on conn: Connection.poll() builds a selector per call
+    inbox: Inbox | None = None  # its messages, read without blocking (a frozen sender cannot stall us)
+    backlog: list[bytearray] = field(default_factory=list)  # frames that wait for a big one to decode
     host: RemoteHost | None = None  # for a remote slot's link process: its host
     pidfd: int = -1  # readable once the process has exited (os.pidfd_open)
     alive_at: float = 0.0  # monotonic: its start, or when its CPU time last grew while silent
@@ -103,8 +107,13 @@ class Worker:
     state_seen: str = "wedged"  # what /proc said of it at the last look
     init_error: BaseException | None = None  # what its initializer raised, if it did
 
-    def readable(self) -> bool:
-        return bool(self.poller.poll(0))
+
+def _unpickle_big(item: tuple[Supervisor, Worker, bytearray]) -> None:
+    # On the decoder lane: unpickling the frame of a huge result copies it once more.
+    supervisor, w, frame = item
+    message = pickle.loads(frame)
+    del item, frame
+    supervisor.call(lambda: supervisor._on_big(w, message))
 
 
 class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
@@ -136,6 +145,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         self._restarts = [0] * slots
         self._init_remote()
         self.jails = Jails()
+        self.decoder = Lane("procpool-decoder")  # unpickles what workers send back: user code
+        self.decoding: set[tuple[str, int]] = set()  # attempts that ended, their outcome on the decoder
         self._busy_jails: list[Jail] = []  # killed, their cgroups not yet empty: removed later
         self._generation = itertools.count()
         keep = (self.cfg.max_finished_tasks, self.cfg.finished_task_ttl)
@@ -239,12 +250,11 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         except OSError:
             pass  # it already did (or exec'd, under spawn)
         w = self.workers[slot] = Worker(
-            name, key, slot, process, reader, poller=select.poll(), spawned=(now := time.monotonic()),
+            name, key, slot, process, reader, inbox=Inbox(reader.fileno()), spawned=(now := time.monotonic()),
             alive_at=now, host=host,
             pidfd=os.pidfd_open(process.pid),  # before it can be reaped: the pid is still its own
             jail=Jail(process.pid, cgroup),
         )  # fmt: skip
-        w.poller.register(reader.fileno(), select.POLLIN)
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
         self._selector.register(w.pidfd, selectors.EVENT_READ, ("exit", w))
         self._publish_slot(slot, name, process.pid, active=True)
@@ -266,19 +276,39 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         os.close(w.pidfd)
 
     def _drain(self, w: Worker) -> None:
-        try:
-            while w.readable():
-                message = w.conn.recv()
-                if message[0] == "started":
-                    self._on_started(w, message[1], message[2])
-                elif message[0] == "done":
-                    self._on_done(w, message)
-                elif message[0] == "init_failed":
-                    w.init_error = rebuild_error(*message[1:])
-                else:  # "timedout" or "lost", from a remote slot's link
-                    self._on_remote_end(w, message)
-        except (EOFError, OSError):
-            pass  # the worker is gone; its sentinel tells the rest
+        """Handle the frames that have arrived from ``w``, in order; never blocks."""
+        assert w.inbox is not None
+        for frame in w.inbox.read():
+            if w.backlog or len(frame) >= _BIG_FRAME:
+                w.backlog.append(frame)  # after a big one, in order
+                if len(w.backlog) == 1:
+                    self.decoder.put(_unpickle_big, (self, w, frame))
+                continue
+            self._on_message(w, pickle.loads(frame))
+
+    def _on_message(self, w: Worker, message: tuple[Any, ...]) -> None:
+        if message[0] == "started":
+            self._on_started(w, message[1], message[2])
+        elif message[0] == "done":
+            self._on_done(w, message)
+        elif message[0] == "init_failed":  # at start-up only: rebuilt here, where _reap needs it
+            w.init_error = rebuild_error(*message[1:])
+        else:  # "timedout" or "lost", from a remote slot's link
+            self._on_remote_end(w, message)
+
+    def _on_big(self, w: Worker, message: tuple[Any, ...]) -> None:
+        """A big frame was unpickled off this thread: handle it, then what waited behind it."""
+        if not self._is_live(w) and message[0] != "done":
+            return
+        w.backlog.pop(0)
+        self._on_message(w, message)
+        while w.backlog:
+            frame = w.backlog[0]
+            if len(frame) >= _BIG_FRAME:
+                self.decoder.put(_unpickle_big, (self, w, frame))
+                return
+            w.backlog.pop(0)
+            self._on_message(w, pickle.loads(frame))
 
     def _reap(self, w: Worker) -> None:
         """A worker process ended: account for its task, sweep its group, replace it."""
@@ -330,8 +360,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         if w.doom == "hung":
             w.lease = None  # released when it was doomed; its task, if any, was put back then
         lease = w.lease or self._release(w.key)
-        if lease is None:
-            return 0
+        if lease is None or lease in self.decoding:
+            return 0  # none, or it ended before the worker did (its outcome is being unpickled)
         task = self.ex._tasks.get(lease[0])
         if task is None or task.attempt != lease[1] or task.status in TERMINAL:
             return 0  # it finished before the worker ended
@@ -474,6 +504,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._selector.close()
+        self.decoder.close()
         if self._manager_pidfd >= 0:
             os.close(self._manager_pidfd)
 

@@ -242,3 +242,22 @@ def daemon_then_return(pid_file: str) -> str:
 def hold_gil(seconds: float) -> int:
     """Busy in one C call that never lets the GIL go (the heartbeat thread falls silent)."""
     return sum(range(int(seconds * 4e7)))  # builtin sum over a range: no bytecode runs meanwhile
+
+
+def _rebuilt_slowly(seconds: float, value: object) -> object:
+    time.sleep(seconds)
+    return value
+
+
+class SlowToUnpickle:
+    """A result whose unpickling (in the caller) takes ``seconds``."""
+
+    def __init__(self, seconds: float, value: object) -> None:
+        self.seconds, self.value = seconds, value
+
+    def __reduce__(self) -> tuple[Any, tuple[float, object]]:
+        return _rebuilt_slowly, (self.seconds, self.value)
+
+
+def return_slow_to_unpickle(seconds: float, value: object) -> SlowToUnpickle:
+    return SlowToUnpickle(seconds, value)

@@ -198,3 +198,39 @@ def test_a_daemon_dies_when_the_owner_is_killed(tmp_path: Path, pid_files: list[
         assert wait_until(lambda: _gone(pid_files[0]), 10), "the daemon outlived its killed owner"
     finally:
         end_process(owner)
+
+
+def _deadline_lateness(executor: DistributedExecutor, timeout: float) -> float:
+    """Seconds between a hung task's deadline and its report (its start read from its record)."""
+    task_id = executor.submit_task(faults.hang, timeout=timeout)
+    with pytest.raises(TimeoutError):
+        executor.get_task_result(task_id, timeout=60)
+    record = executor.get_task(task_id)
+    assert record.started_at is not None and record.finished_at is not None
+    return record.finished_at - record.started_at - timeout
+
+
+def test_a_result_slow_to_unpickle_does_not_delay_another_deadline(make_executor: Make) -> None:
+    executor = make_executor(max_local_workers=2, kill_grace=0.2)
+    slow = executor.submit_task(faults.return_slow_to_unpickle, (4.0, "slow"))
+    assert _deadline_lateness(executor, 1.0) < 0.5  # not the 4 s the unpickling takes
+    assert executor.get_task_result(slow, timeout=30) == "slow"
+
+
+def test_a_worker_frozen_mid_result_does_not_delay_another_deadline(make_executor: Make) -> None:
+    executor = make_executor(max_local_workers=2, kill_grace=0.2, heartbeat_timeout=3.0, max_retries=0)
+    huge = executor.submit_task(faults.return_huge, (300,), timeout=60)
+    assert wait_until(lambda: executor.get_task(huge).worker is not None, 10)
+    sender = executor.get_stats()["workers"][executor.get_task(huge).worker]
+
+    def sending() -> bool:  # its slot counts the task done just before the result goes out
+        return executor.get_stats()["workers"][sender["name"]]["completed"] == 1
+
+    sender["name"] = executor.get_task(huge).worker
+    assert wait_until(sending, 30)
+    os.kill(sender["pid"], signal.SIGSTOP)
+    try:
+        assert _deadline_lateness(executor, 1.0) < 0.5
+    finally:
+        os.kill(sender["pid"], signal.SIGCONT)
+    executor.wait_for_tasks([huge], timeout=60)  # it completes, or is lost with its frozen worker

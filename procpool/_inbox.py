@@ -1,0 +1,104 @@
+"""A worker's messages, read without ever blocking the supervisor.
+
+    worker ── conn.send (multiprocessing's frames: a 4-byte length, or -1 and 8 bytes) ──▶ socket
+    supervisor ── Inbox.read() when epoll says readable ──▶ the frames that are complete, in order
+
+A worker frozen (SIGSTOP) halfway through a message leaves half a frame here,
+and the supervisor goes on with everything else. A large frame (a result of
+many megabytes) is read straight into a buffer of its own size, a bounded
+amount per call, so timers fire between the reads and nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+__all__ = ("Inbox",)
+
+_CHUNK = 1 << 20  # bytes asked of the socket per read
+_PER_CALL = 8 << 20  # bytes read per call at most, so one huge result cannot hold the loop up
+_BIG = 1 << 20  # frames at least this long get a buffer of their own
+
+
+class Inbox:
+    """Frames from one worker's socket (set non-blocking here)."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._buf = bytearray()  # the start of the next frame(s)
+        self._big: bytearray | None = None  # a large frame being filled
+        self._filled = 0
+        self.closed = False  # the worker's end is closed (it exited)
+
+    def read(self) -> list[bytearray]:
+        """The frames completed by what can be read now (never blocks)."""
+        frames: list[bytearray] = []
+        budget = _PER_CALL
+        while budget > 0 and not self.closed:
+            if self._big is not None:
+                got = self._fill_big(budget)
+                if got <= 0:
+                    break
+                budget -= got
+                if self._filled == len(self._big):
+                    frames.append(self._big)
+                    self._big = None
+                continue
+            try:
+                data = os.read(self._fd, _CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.closed = True
+                break
+            if not data:
+                self.closed = True
+                break
+            budget -= len(data)
+            self._buf += data
+            self._split(frames)
+        return frames
+
+    def _fill_big(self, budget: int) -> int:
+        assert self._big is not None
+        view = memoryview(self._big)[self._filled : self._filled + min(budget, _CHUNK * 8)]
+        try:
+            got = os.readv(self._fd, [view])
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.closed = True
+            return 0
+        if got == 0:
+            self.closed = True
+            return 0
+        self._filled += got
+        return got
+
+    def _split(self, frames: list[bytearray]) -> None:
+        """Move each complete frame out of the buffer; start a big one if its length says so."""
+        buf = self._buf
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = struct.unpack_from("!i", buf, start)
+            head = 4
+            if size == -1:
+                if len(buf) - start < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, start + 4)
+                head = 12
+            body = start + head
+            if len(buf) - body >= size:
+                frames.append(buf[body : body + size])
+                start = body + size
+                continue
+            if size >= _BIG:  # the rest of it goes straight into a buffer of its own
+                self._big = bytearray(size)
+                have = len(buf) - body
+                self._big[:have] = buf[body:]
+                self._filled = have
+                start = len(buf)
+            break
+        del buf[:start]
