@@ -32,6 +32,19 @@ __all__ = ("TaskEvents",)
 log = logging.getLogger(__name__)
 
 
+# Opcodes through which unpickling can reach code (a global, a reduce, a build, an
+# extension code). A pickle with none of these bytes anywhere holds only plain data
+# (None, numbers, strings, containers of them): it is unpickled on the spot, at no risk.
+_CODE_OPCODES = b"c\x93Rbio\x81\x92\x82\x83\x84PQ"
+_PLAIN_MAX = 4096  # bytes; larger results go to the decoder lane whatever they hold
+
+
+def _plain(blob: bytes | None) -> bool:
+    if blob is None or len(blob) > _PLAIN_MAX:
+        return False
+    return len(blob.translate(None, _CODE_OPCODES)) == len(blob)
+
+
 def _decode(item: tuple[Any, Any, Task, tuple[Any, ...]]) -> None:
     """On the decoder lane: the attempt's value or error, handed back to the supervisor."""
     supervisor, w, task, message = item
@@ -104,6 +117,14 @@ class TaskEvents:
             return  # a stale attempt, or one being killed: fenced out
         self.timers.discard(("deadline", task_id, attempt))
         self.decoding.add((task_id, attempt))
+        if ok and _plain(message[6]):
+            try:
+                value = cloudpickle.loads(message[6])
+            except Exception:  # noqa: BLE001 - plain data that does not load: the decoder says why
+                pass
+            else:
+                self._on_decoded(w, task, message, ("value", value))
+                return
         self.decoder.put(_decode, (self, w, task, message))
 
     def _on_decoded(self, w: Worker, task: Task, message: tuple[Any, ...], outcome: tuple[str, Any]) -> None:

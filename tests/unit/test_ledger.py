@@ -90,3 +90,14 @@ def test_a_futures_api_task_leaves_the_records_when_it_ends(ledger: Ledger) -> N
     ledger.move(task, TaskStatus.COMPLETED, 0.1, result=3)
     assert task.task_id not in ledger.tasks and task.future.result(5) == 3
     assert ledger.metrics.counters.states[2] == 1  # counted all the same
+
+
+def test_only_plain_data_is_unpickled_on_the_supervisor_thread() -> None:
+    import cloudpickle
+
+    from procpool._events import _plain
+
+    for value in (None, 42, 2.5, "xyz", [1, 2], {"k": (1, 2.0)}, {3}, b"raw"):
+        assert _plain(cloudpickle.dumps(value)), value
+    for value in (ValueError("x"), TaskPriority.HIGH, Lane, b"x" * 5000):
+        assert not _plain(cloudpickle.dumps(value)), value
