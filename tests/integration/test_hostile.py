@@ -176,7 +176,7 @@ if __name__ == "__main__":
     ex.submit_task(faults.daemon_then_hang, ({pid_file!r},))
     while not os.path.exists({pid_file!r}):
         time.sleep(0.01)
-    print("ready", flush=True)
+    print("ready", ex.metrics_block, flush=True)
     time.sleep(3600)
 """
 
@@ -191,11 +191,13 @@ def test_a_daemon_dies_when_the_owner_is_killed(tmp_path: Path, pid_files: list[
     script = OWNER.format(tests=str(Path(faults.__file__).parent), pid_file=str(pid_files[0]))
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert owner.stdout is not None and owner.stdout.readline().strip() == "ready"
-        assert pid_alive(int(pid_files[0].read_text()))
+        assert owner.stdout is not None
+        ready, block = owner.stdout.readline().split()
+        assert ready == "ready" and pid_alive(int(pid_files[0].read_text()))
         owner.kill()
         owner.wait(10)
         assert wait_until(lambda: _gone(pid_files[0]), 10), "the daemon outlived its killed owner"
+        assert wait_until(lambda: not (Path("/dev/shm") / block).exists(), 10)  # the tracker unlinks it
     finally:
         end_process(owner)
 
