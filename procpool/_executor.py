@@ -151,6 +151,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         warm_up = getattr(companion, "warm_up", None)  # the companion's own preparation in each worker
         self._warm_up = _pickle("companion warm-up: ", {}, warm_up, (), None) if callable(warm_up) else None
         self._authkey = os.urandom(32)
+        self._owner = os.getpid()  # a forked child inherits this object, but not its threads
         self._tasks: dict[str, Task] = {}
         self._seq = itertools.count(1)
         self._last_seq = 0  # the highest task number given out: ids up to it were seen
@@ -287,6 +288,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         where: str,
         futures_api: bool = False,
     ) -> list[Task]:
+        self._check_owner()
         prio = check_priority(priority)
         deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
         blobs: dict[int, bytes] = {}  # a batch pickles each distinct function once
@@ -410,7 +412,15 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                 if not self._supervisor.is_alive():
                     return False  # it ended, and every task with it
 
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner:
+            raise ExecutorShutdownError(
+                f"this DistributedExecutor belongs to process {self._owner}; this process is a fork of "
+                f"it and has none of its threads: create a new DistributedExecutor here"
+            )
+
     def _task(self, task_id: str) -> Task:
+        self._check_owner()
         try:
             return self._tasks[task_id]
         except KeyError:
@@ -491,6 +501,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                 the callbacks themselves are among what it would wait for.
             cancel_futures: cancel queued tasks instead of running them.
         """
+        if os.getpid() != self._owner:
+            return  # a forked child's copy: the pool is its parent's to end
         if wait and self._on_own_thread():
             wait = False
         with self._submit_lock:
@@ -624,7 +636,7 @@ def _name(fn: Any) -> str:
 
 def _shutdown_at_exit(ref: weakref.ref[DistributedExecutor]) -> None:
     executor = ref()
-    if executor is not None:
+    if executor is not None and executor._owner == os.getpid():
         with executor._submit_lock:
             if executor._closed is None:  # worded as concurrent.futures words it
                 executor._closed = ExecutorShutdownError(
@@ -647,7 +659,7 @@ def get_distributed_executor(
     """
     global _default
     with _default_lock:
-        if _default is None or _default._closed is not None:
+        if _default is None or _default._closed is not None or _default._owner != os.getpid():
             _default = DistributedExecutor(
                 max_local_workers=max_workers, enable_remote=enable_remote, **options
             )

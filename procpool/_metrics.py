@@ -134,6 +134,7 @@ class MetricsBlock:
     def __init__(self, slots: int) -> None:
         size = HEADER_SIZE + SLOT_SIZE * slots
         name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self._creator = os.getpid()  # only it unlinks: a forked child's exit must not break the block
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         self.name = self.shm.name
         self.slots = slots
@@ -172,6 +173,8 @@ class MetricsBlock:
             return
         self._closed = True
         self.shm.close()
+        if os.getpid() != self._creator:
+            return
         try:
             self.shm.unlink()
         except FileNotFoundError:
@@ -307,6 +310,8 @@ def attach(name: str) -> shared_memory.SharedMemory:
 
 def check_layout(buf: memoryview, name: str) -> int:
     """Raise ValueError unless ``buf`` holds a block of this layout version; returns its slot count."""
+    if len(buf) < HEADER_SIZE:
+        raise ValueError(f"shared-memory block {name!r} is unreadable: {len(buf)} bytes is too small")
     magic, version, slots = _PREAMBLE.unpack_from(buf, 0)[:3]
     if magic != MAGIC or version != VERSION:
         raise ValueError(
@@ -314,6 +319,8 @@ def check_layout(buf: memoryview, name: str) -> int:
             f"version {VERSION} (magic {magic!r}, version {version}); is the procpool "
             f"that created it a different release?"
         )
+    if len(buf) < HEADER_SIZE + slots * SLOT_SIZE:
+        raise ValueError(f"shared-memory block {name!r} is unreadable: truncated for its {slots} slots")
     return slots  # type: ignore[no-any-return]
 
 

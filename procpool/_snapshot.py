@@ -136,4 +136,4 @@ def _steady(snap: bytes, again: bytes, slot: int) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _name(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode()
+    return raw.rstrip(b"\0").decode(errors="replace")  # a damaged block must not crash a reader

@@ -243,17 +243,24 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:
             process = self._link_process(slot, host, key, writer)
-        process.start()
-        writer.close()
+        try:
+            process.start()
+        finally:
+            writer.close()
         try:
             os.setpgid(process.pid, process.pid)  # closes the race with the child's own call
         except OSError:
             pass  # it already did (or exec'd, under spawn)
+        try:
+            pidfd = os.pidfd_open(process.pid)  # before it can be reaped: the pid is still its own
+        except OSError:  # out of fds, say: end it now rather than leave it unwatched
+            Jail(process.pid, cgroup).kill()
+            process.join()
+            reader.close()
+            raise
         w = self.workers[slot] = Worker(
             name, key, slot, process, reader, inbox=Inbox(reader.fileno()), spawned=(now := time.monotonic()),
-            alive_at=now, host=host,
-            pidfd=os.pidfd_open(process.pid),  # before it can be reaped: the pid is still its own
-            jail=Jail(process.pid, cgroup),
+            alive_at=now, host=host, pidfd=pidfd, jail=Jail(process.pid, cgroup),
         )  # fmt: skip
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
         self._selector.register(w.pidfd, selectors.EVENT_READ, ("exit", w))

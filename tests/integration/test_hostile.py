@@ -236,3 +236,57 @@ def test_a_worker_frozen_mid_result_does_not_delay_another_deadline(make_executo
     finally:
         os.kill(sender["pid"], signal.SIGCONT)
     executor.wait_for_tasks([huge], timeout=60)  # it completes, or is lost with its frozen worker
+
+
+PRE_FORK = """
+import os, sys, warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: the point of this test
+from pathlib import Path
+from procpool import DistributedExecutor, get_distributed_executor
+ex = get_distributed_executor(max_workers=1)
+assert ex.submit(abs, -1).result(timeout=30) == 1
+pid = os.fork()
+if pid == 0:  # a pre-fork server's child: it must not touch its parent's pool, and must not hang
+    try:
+        ex.submit_task(abs, (-2,))
+    except RuntimeError as error:
+        print("child:", error, flush=True)
+    fresh = get_distributed_executor(max_workers=1)
+    print("child own pool:", fresh is not ex, fresh.submit(abs, -3).result(timeout=30), flush=True)
+    sys.exit(0)  # its exit hooks run: they must leave the parent's pool alone
+os.waitpid(pid, 0)
+alive = Path("/dev/shm", ex.metrics_block).exists()
+print("parent:", alive, ex.submit(abs, -4).result(timeout=30), flush=True)
+"""
+
+
+def test_a_forked_caller_leaves_its_pool_intact_and_the_child_is_told() -> None:
+    done = subprocess.run([sys.executable, "-c", PRE_FORK], capture_output=True, text=True, timeout=90)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout + done.stderr
+    assert lines[0].startswith("child: this DistributedExecutor belongs to process")
+    assert lines[1] == "child own pool: True 3"
+    assert lines[2] == "parent: True 4"
+    assert done.returncode == 0
+
+
+FD_LIMIT = """
+import resource, psutil
+from multiprocessing import resource_tracker
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+resource_tracker.ensure_running()
+from procpool import DistributedExecutor
+try:
+    DistributedExecutor(max_local_workers=200)
+except Exception as error:
+    print(type(error).__name__, error)
+tracker = resource_tracker._resource_tracker._pid
+print(len([p for p in psutil.Process().children(recursive=True) if p.pid != tracker]))
+"""
+
+
+def test_too_many_workers_for_the_fd_limit_fail_clearly_and_leave_no_process() -> None:
+    done = subprocess.run([sys.executable, "-c", FD_LIMIT], capture_output=True, text=True, timeout=120)
+    error, left = done.stdout.splitlines()
+    assert error.startswith("BrokenPoolError") and "Too many open files" in error
+    assert left == "0"

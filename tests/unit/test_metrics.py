@@ -121,3 +121,19 @@ def test_a_reader_never_waits_on_a_writer_that_died_mid_write(block: MetricsBloc
     assert buf is not None
     struct.pack_into("<Q", buf, HEADER_SIZE + 2 * 256 + 96, 5)  # odd for ever: its writer is dead
     assert snapshot(block)["workers"]["local-worker-2"]["pid"] == 99  # type: ignore[index]
+
+
+def test_a_damaged_or_short_block_is_unreadable_not_a_crash(tmp_path: Path) -> None:
+    from procpool._metrics import check_layout
+
+    with pytest.raises(ValueError, match="unreadable"):
+        check_layout(memoryview(b"x" * 16), "procpool-1-short")
+    block = MetricsBlock(slots=1)
+    try:
+        buf = block.shm.buf
+        assert buf is not None
+        check_layout(buf, block.name)
+        block.supervisor_section(0).write(b"\xff\xfeworker", 1, 1, 123, 0.0, 0, 0, 1)  # not UTF-8
+        assert list(read_snapshot(buf)["workers"]) == ["\ufffd\ufffdworker"]
+    finally:
+        block.close()
