@@ -18,6 +18,7 @@ from ._metrics import MB, SlotHealth, read_health
 
 if TYPE_CHECKING:
     from ._config import Config
+    from ._manager_link import ManagerLink
     from ._metrics import MetricsBlock
     from ._queue import TaskQueueProxy
     from ._scheduling import Timers
@@ -37,6 +38,7 @@ class HealthChecks:
         cfg: Config
         metrics: MetricsBlock
         queue: TaskQueueProxy | None
+        link: ManagerLink
         timers: Timers
         workers: dict[int, Any]
 
@@ -117,11 +119,9 @@ class HealthChecks:
         w.over_threshold = over
 
     def _retire(self, key: str) -> None:
-        assert self.queue is not None
-        try:
-            self.queue.retire(key)
-        except (OSError, EOFError):
-            pass  # the manager is gone; its sentinel reports that
+        queue = self.queue
+        assert queue is not None
+        self.link.send(lambda: queue.retire(key))  # off this thread: the manager may be frozen
 
 
 def _over_limit(health: SlotHealth, limit: float | None) -> str:

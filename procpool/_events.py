@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ._callbacks import Lane
     from ._config import Config
     from ._executor import DistributedExecutor
+    from ._manager_link import ManagerLink
     from ._queue import TaskQueueProxy
     from ._supervisor import Worker
 
@@ -62,6 +64,11 @@ def _decode(item: tuple[Any, Any, Task, tuple[Any, ...]]) -> None:
     supervisor.call(lambda: supervisor._on_decoded(w, task, message, outcome))
 
 
+def _answer(reply: Future[bool] | None, value: bool) -> None:
+    if reply is not None:
+        reply.set_result(value)
+
+
 class TaskEvents:
     """Mixed into Supervisor; uses its ledger, timers, queue and workers."""
 
@@ -70,6 +77,7 @@ class TaskEvents:
         ex: DistributedExecutor
         ledger: Ledger
         decoder: Lane
+        link: ManagerLink
         decoding: set[tuple[str, int]]
         queue: TaskQueueProxy | None
         _init_failures: int
@@ -77,6 +85,7 @@ class TaskEvents:
         workers: dict[int, Worker]
 
         def _doom(self, w: Worker, reason: str, doomed: tuple[str, int] | None) -> None: ...
+        def _put(self, task: Task, then: Any = None) -> None: ...
         def _answer_started(self, w: Any, task: Task | None) -> None: ...
 
     def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
@@ -94,6 +103,8 @@ class TaskEvents:
         task = self.ex._tasks.get(task_id)
         if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
             return None
+        if w.doom is not None:
+            return None  # taken by a worker being killed: its release puts the task back
         task.worker = w.name
         self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
         # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
@@ -137,8 +148,8 @@ class TaskEvents:
             else:
                 again = kind == "error" and retryable and task.retry_errors
                 self._fail_attempt(task, w.name, value, retryable=again, elapsed=elapsed)
-        if not ok:
-            self._go_ahead(w)
+        if not ok:  # after any retry's put (the link keeps their order): it goes back in its place
+            self.link.send(lambda: None, lambda _: self._go_ahead(w))
 
     def _go_ahead(self, w: Worker) -> None:
         # A worker that failed a task waits for this before taking another,
@@ -158,11 +169,7 @@ class TaskEvents:
             )
             task.attempt += 1
             self.ledger.move(task, TaskStatus.RETRYING, error=error)
-            assert self.queue is not None and task.payload is not None
-            try:
-                self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
-            except (OSError, EOFError):
-                pass  # the manager is gone; its sentinel fails every task
+            self._put(task)
             return
         self.ledger.move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
 
@@ -195,34 +202,49 @@ class TaskEvents:
             task, TaskStatus.CANCELLED, error=error, finished_at=time.time(), execution_time=elapsed
         )
 
-    def cancel(self, task_id: str, kill: bool = True) -> bool:
-        """Cancel a task (on the supervisor thread). True if it will not complete.
+    def cancel(self, task_id: str, kill: bool = True, reply: Future[bool] | None = None) -> None:
+        """Cancel a task (on the supervisor thread); ``reply`` gets True if it will not complete.
 
-        With ``kill=False`` only a task that has not started is cancelled.
+        With ``kill=False`` only a task that has not started is cancelled. A queued task is
+        looked for in the outbox and the manager's queue off this thread.
         """
         task = self.ex._tasks.get(task_id)
         if task is None or task.status in TERMINAL:
-            return False  # it ended (and was let go) meanwhile
-        holder: str | None = task.worker if task.status is TaskStatus.RUNNING else None
-        if holder is None:
-            assert self.queue is not None
-            with self.ex._outbox.flush_lock:
-                where = "removed" if self.ex._outbox.discard(task_id) else self.queue.cancel(task_id)
-            if where is None:
-                return False  # it already ran to the end; its result is on the way
-            holder = None if where == "removed" else where
+            _answer(reply, False)  # it ended (and was let go) meanwhile
+            return
+        if task.status is TaskStatus.RUNNING:
+            self._cancel_found(task, task.attempt, task.worker, kill, reply)
+            return
+        outbox, queue, attempt = self.ex._outbox, self.queue, task.attempt
+        assert queue is not None
+
+        def find() -> str | None:
+            with outbox.flush_lock:  # the task is then either still in the outbox or in the queue
+                return "removed" if outbox.discard(task_id) else queue.cancel(task_id)
+
+        self.link.send(find, lambda where: self._cancel_found(task, attempt, where, kill, reply))
+
+    def _cancel_found(
+        self, task: Task, attempt: int, where: str | None, kill: bool, reply: Future[bool] | None
+    ) -> None:
+        """``where``: "removed" from the queue, the worker holding it, or None (it ran to the end)."""
+        if task.status in TERMINAL or task.attempt != attempt or where is None:
+            _answer(reply, False)
+            return
+        holder = None if where == "removed" else where
         if holder is not None and not kill:
-            return False  # a worker holds it: it has begun, its "started" not read yet
-        if (task_id, task.attempt) in self.decoding:
+            _answer(reply, False)  # it has begun: without kill it runs on
+            return
+        if (task.task_id, attempt) in self.decoding:
             holder = None  # it has ended in its worker (its outcome is being unpickled): no kill
         if holder is not None:
             w = self._worker_named(holder)
             if w is not None:
-                self._doom(w, "cancel", (task_id, task.attempt))
-        self.timers.discard(("deadline", task_id, task.attempt))
-        error = TaskCancelledError(f"task {task_id} was cancelled")
+                self._doom(w, "cancel", (task.task_id, attempt))
+        self.timers.discard(("deadline", task.task_id, attempt))
+        error = TaskCancelledError(f"task {task.task_id} was cancelled")
         self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
-        return True
+        _answer(reply, True)
 
     def close(self, cancel_pending: bool) -> None:
         """Stop taking work; end once every task is finished (on the supervisor thread)."""

@@ -393,13 +393,11 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         return self._cancel(task_id, kill=True)
 
     def _cancel(self, task_id: str, kill: bool) -> bool:
-        if threading.current_thread() is self._supervisor:
-            return self._supervisor.cancel(task_id, kill)
         reply: concurrent.futures.Future[bool] = concurrent.futures.Future()
 
         def run() -> None:
             try:
-                reply.set_result(self._supervisor.cancel(task_id, kill))
+                self._supervisor.cancel(task_id, kill, reply)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 reply.set_exception(exc)
 

@@ -52,12 +52,14 @@ from ._events import TaskEvents
 from ._health import heartbeat_interval
 from ._inbox import Inbox
 from ._ledger import Ledger, rebuild_error
+from ._manager_link import ManagerLink
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.link import describe_link_exit
 from ._remote.slots import RemoteSlots, backoff
 from ._scheduling import Timers, describe_exit
 from ._states import TERMINAL, TaskStatus
+from ._task import Task
 from ._worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -85,6 +87,7 @@ class Worker:
     key: str  # unique per process, for leases: "local-worker-0.3"
     slot: int
     process: Any  # multiprocessing.Process (BaseProcess)
+    pid: int  # its pid, still known once the Process object is closed
     conn: Connection
     lease: tuple[str, int] | None = None  # task id and attempt it said it started
     doom: str | None = None  # why it is being killed: "timeout" or "cancel"
@@ -127,6 +130,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         self.ready = threading.Event()
         self.start_error: BaseException | None = None
         self.queue: TaskQueueProxy | None = None
+        self.link: ManagerLink = None  # type: ignore[assignment]  # calls to the manager, off this thread; set with it
         self.manager: QueueManager | None = None
         self.workers: dict[int, Worker] = {}
         self.timers = Timers()
@@ -224,6 +228,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         args = (os.getpid(), self.metrics.name, self.cfg.memory_sample_interval, self.ex._companion, root)
         self.manager.start(init_manager, args)
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
+        self.link = ManagerLink(self.call)
 
     def _spawn(self, slot: int) -> None:
         assert self.manager is not None
@@ -259,8 +264,9 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             reader.close()
             raise
         w = self.workers[slot] = Worker(
-            name, key, slot, process, reader, inbox=Inbox(reader.fileno()), spawned=(now := time.monotonic()),
-            alive_at=now, host=host, pidfd=pidfd, jail=Jail(process.pid, cgroup),
+            name, key, slot, process, process.pid, reader, inbox=Inbox(reader.fileno()),
+            spawned=(now := time.monotonic()), alive_at=now, host=host, pidfd=pidfd,
+            jail=Jail(process.pid, cgroup),
         )  # fmt: skip
         self._selector.register(reader.fileno(), selectors.EVENT_READ, ("conn", w))
         self._selector.register(w.pidfd, selectors.EVENT_READ, ("exit", w))
@@ -366,7 +372,18 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             return 1
         if w.doom == "hung":
             w.lease = None  # released when it was doomed; its task, if any, was put back then
-        lease = w.lease or self._release(w.key)
+        if w.lease is not None:
+            return self._lost(w, w.lease, exitcode)
+        # It may have taken a task and died before saying so: the manager knows.
+        queue = self.queue
+        assert queue is not None
+        self.link.send(lambda: queue.release(w.key), lambda lease: self._lost(w, lease, exitcode, True))
+        return 0
+
+    def _lost(
+        self, w: Worker, lease: tuple[str, int] | None, exitcode: int | None, late: bool = False
+    ) -> int:
+        """Retry (or fail) the attempt a dead worker held; returns 1 if it was lost with it."""
         if lease is None or lease in self.decoding:
             return 0  # none, or it ended before the worker did (its outcome is being unpickled)
         task = self.ex._tasks.get(lease[0])
@@ -374,38 +391,37 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             return 0  # it finished before the worker ended
         retries = self.cfg.max_retries + 1
         error = WorkerLostError(
-            f"worker {w.name} (pid {w.process.pid}) {self._describe(w, exitcode)} while running "
+            f"worker {w.name} (pid {w.pid}) {self._describe(w, exitcode)} while running "
             f"task {task.task_id} (attempt {task.attempt} of {retries})"
         )
         self._fail_attempt(task, w.name, error, retryable=True)
+        if late:
+            self._count_lost(w.slot)
         return 1
 
     def _describe(self, w: Worker, exitcode: int | None) -> str:
         said = None if w.host is None else describe_link_exit(exitcode, w.host)
         return said or describe_exit(exitcode)
 
-    def _release(self, name: str) -> tuple[str, int] | None:
-        assert self.queue is not None
-        try:
-            return self.queue.release(name)
-        except (OSError, EOFError):
-            return None  # the manager is gone; its sentinel reports that
-
     def _doom(self, w: Worker, reason: str, doomed: tuple[str, int] | None) -> None:
-        """Start the kill ladder for a worker (running task attempt ``doomed``): retire it,
-        SIGTERM, SIGKILL after grace."""
+        """Start the kill ladder for a worker (running task attempt ``doomed``): SIGTERM,
+        SIGKILL after grace, and retire it with the manager."""
         if w.doom is not None:
             return
         w.doom, w.doomed = reason, doomed
         w.fenced = doomed is None or doomed == w.lease
-        # Retired, it takes nothing more, even if its task ends in the grace. It may
-        # already hold the next task (its "started" not read yet): that one goes back.
-        released = self._release(w.key)
-        if released is not None and released != w.doomed:
-            self._requeue(released)
         assert w.jail is not None
-        w.jail.signal(signal.SIGTERM)
-        self.timers.set(("kill", w.slot, w.process.pid), time.monotonic() + self.cfg.kill_grace)
+        w.jail.signal(signal.SIGTERM)  # first: no call to the manager comes before a kill
+        self.timers.set(("kill", w.slot, w.pid), time.monotonic() + self.cfg.kill_grace)
+        # Retired, it takes nothing more. It may already hold the next task (taken, its
+        # "started" not read, or not sent): that one goes back in its place.
+        queue = self.queue
+        assert queue is not None
+        self.link.send(lambda: queue.release(w.key), lambda lease: self._put_back(w, lease))
+
+    def _put_back(self, w: Worker, lease: tuple[str, int] | None) -> None:
+        if lease is not None and lease != w.doomed:
+            self._requeue(lease)
 
     def _requeue(self, lease: tuple[str, int]) -> None:
         """Queue a leased attempt again, in its place, as if never taken."""
@@ -414,11 +430,19 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         waiting = (TaskStatus.PENDING, TaskStatus.RETRYING)
         if task is None or task.attempt != lease[1] or task.status not in waiting:
             return
+        self._put(task)
+
+    def _put(self, task: Task, then: Callable[[Any], None] | None = None) -> None:
+        """Queue the task's current attempt (a retry keeps its place: same priority and seq)."""
         assert self.queue is not None and task.payload is not None
-        try:
-            self.queue.put(int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
-        except (OSError, EOFError):
-            pass  # the manager is gone; its sentinel fails every task
+        queue, item = self.queue, (int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
+        self.link.send(lambda: queue.put(*item), then)
+
+    def _count_lost(self, slot: int) -> None:
+        """Count a task lost with a slot's worker, found out after the slot was published."""
+        section = self._slot_sections[slot]
+        old = section.read_own()
+        section.write(*old[1:6], old[6] + 1, old[7])
 
     def _fire_timers(self, now: float) -> None:
         for key in self.timers.pop_due(now):
@@ -505,6 +529,8 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
             except Exception:  # noqa: BLE001 - it may be dead already
                 pass
         self._end_remote()
+        if self.link is not None:
+            self.link.close()
         self.jails.close()
         with self._wake_lock:
             self._ended = True

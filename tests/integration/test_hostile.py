@@ -290,3 +290,25 @@ def test_too_many_workers_for_the_fd_limit_fail_clearly_and_leave_no_process() -
     error, left = done.stdout.splitlines()
     assert error.startswith("BrokenPoolError") and "Too many open files" in error
     assert left == "0"
+
+
+def test_a_frozen_manager_delays_no_deadline_and_no_kill(make_executor: Make) -> None:
+    executor = make_executor(max_local_workers=2, kill_grace=0.2, heartbeat_timeout=None)
+    hung = executor.submit_task(faults.hang, timeout=1.0)
+    other = executor.submit_task(faults.hang, timeout=60)
+    assert wait_until(lambda: executor.get_task(other).status is TaskStatus.RUNNING, 10)
+    assert wait_until(lambda: executor.get_task(hung).status is TaskStatus.RUNNING, 10)
+    manager = executor._supervisor.manager._process.pid  # type: ignore[union-attr]
+    os.kill(manager, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert executor.cancel_task(other) is True  # a running task: killed without the manager
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(TimeoutError):
+            executor.get_task_result(hung, timeout=10)
+        record = executor.get_task(hung)
+        assert record.finished_at is not None and record.started_at is not None
+        assert record.finished_at - record.started_at < 1.0 + 0.5  # its deadline, on time
+    finally:
+        os.kill(manager, signal.SIGCONT)
+    assert executor.submit(faults.double, 2).result(timeout=20) == 4  # and it goes on once thawed
