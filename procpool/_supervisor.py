@@ -442,7 +442,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
         """Count a task lost with a slot's worker, found out after the slot was published."""
         section = self._slot_sections[slot]
         old = section.read_own()
-        section.write(*old[1:6], old[6] + 1, old[7])
+        section.write(*old[:6], old[6] + 1, old[7])
 
     def _fire_timers(self, now: float) -> None:
         for key in self.timers.pop_due(now):

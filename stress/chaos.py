@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import cloudpickle
 import psutil
 
-from procpool import DistributedExecutor
+from procpool import DistributedExecutor, TaskPriority
 
 from . import sshd, tasks
 from .common import add_run_arguments, leftovers, say, table, write_report
-from .demo import Run, browsers_for, check, fanout, signal_random, stats_problem
+from .demo import KINDS, Run, browsers_for, check, fanout, signal_random, stats_problem
 
 BACKLOG = 20  # queued tasks per worker at most
 FAULTS = {  # name -> (signal, sent to a browser rather than a worker)
@@ -37,6 +41,9 @@ FAULTS = {  # name -> (signal, sent to a browser rather than a worker)
     "browser SIGSTOP": (signal.SIGSTOP, True),
 }
 REMOTE_FAULTS = {"agent SIGKILL": signal.SIGKILL, "agent SIGSTOP": signal.SIGSTOP, "host down": None}
+MANAGER_FREEZE = 0.5  # seconds the manager process stays stopped when chaos freezes it
+HOSTILE = ("daemon", "fork", "huge")  # tasks that detach daemons, fork the worker, send 32 MB back
+HOSTILE_RATE = 0.03  # share of submissions that are hostile tasks
 HOST_DOWN = 3.0  # seconds a host taken down stays down
 
 
@@ -55,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.remote:  # the hosts need not have stress/ (it is not installed): its tasks travel by value
         cloudpickle.register_pickle_by_value(tasks)
     state = Run(args, random.Random(args.seed))
+    state.pid_dir = tempfile.mkdtemp(prefix="procpool-chaos-")
     site, options = browsers_for(args)
     broken: list[str] = []
     frozen: list[psutil.Process] = []  # agents stopped on purpose
@@ -88,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if site is not None:
             site.close()
         thaw(frozen)  # again, if the run broke off: a stopped orphan would wait for ever
-    problems = broken + check(state.kinds, records, state.terminal, stats)
+    problems = broken + check(state.kinds, records, state.terminal, stats) + escaped(state)
     problems += [f"left behind: {item}" for item in leftovers()]
     say("\n" + table(["fault injected", "count"], sorted(state.chaos.items())))
     say(f"\n{len(state.kinds)} tasks, {stats['retried_tasks']} retries, {stats['failed_tasks']} failed")
@@ -101,6 +109,37 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def submit_one(ex: DistributedExecutor, state: Run) -> None:
+    """A CPU task, or now and then a hostile one."""
+    if state.rng.random() >= HOSTILE_RATE:
+        state.submit(ex, "cpu")
+        return
+    kind = state.rng.choice(HOSTILE)
+    fn, fn_args, timeout, _ = KINDS[kind]
+    if kind == "daemon":
+        fn_args = (state.pid_dir,)
+    priority = state.rng.choice(list(TaskPriority))
+    state.add([ex.submit_task(fn, fn_args, priority=priority, timeout=timeout)], kind, priority)
+    state.chaos[f"hostile task: {kind}"] += 1
+
+
+def escaped(state: Run) -> list[str]:
+    """Daemons that hostile tasks left and that outlived them (each wrote its pid)."""
+    problems = []
+    folder = Path(state.pid_dir)
+    for path in folder.iterdir():
+        pid = int(path.name)
+        try:
+            alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if alive:
+            problems.append(f"daemon {pid} started by a task outlived it")
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+    return problems
+
+
 def storm(
     ex: DistributedExecutor, state: Run, hosts: list[sshd.SSHServer], frozen: list[psutil.Process]
 ) -> list[str]:
@@ -108,6 +147,9 @@ def storm(
     args, rng = state.args, state.rng
     faults = sorted(name for name, (_, browser) in FAULTS.items() if state.site or not browser)
     faults += sorted(REMOTE_FAULTS) if hosts else []
+    faults.append("manager SIGSTOP")
+    manager = ex._supervisor.manager._process.pid  # type: ignore[union-attr]
+    thaw_at = 0.0
     down: dict[sshd.SSHServer, float] = {}  # host -> when it comes back
     end = time.monotonic() + args.duration
     next_fault = next_fanout = time.monotonic() + 1.0
@@ -118,9 +160,12 @@ def storm(
         if unbalanced:
             broken.append(f"at {now - end + args.duration:.1f} s: {unbalanced}")
         if stats["pending_tasks"] < BACKLOG * args.workers:
-            state.submit(ex, "cpu")
+            submit_one(ex, state)
         else:
             time.sleep(0.005)
+        if thaw_at and now >= thaw_at:
+            os.kill(manager, signal.SIGCONT)
+            thaw_at = 0.0
         if state.site and now >= next_fanout:
             fanout(ex, state)
             next_fanout = now + 2.0
@@ -130,12 +175,18 @@ def storm(
                 del down[host]
         if now >= next_fault:
             name = rng.choice(faults)
-            if name in REMOTE_FAULTS:
+            if name == "manager SIGSTOP" and not thaw_at:
+                os.kill(manager, signal.SIGSTOP)
+                thaw_at = now + MANAGER_FREEZE
+                state.chaos[name] += 1
+            elif name in REMOTE_FAULTS:
                 state.chaos[name] += fault_host(hosts, down, rng, REMOTE_FAULTS[name], now, frozen)
             else:
                 signum, browser = FAULTS[name]
                 state.chaos[name] += signal_random(stats, rng, signum, browser)
             next_fault = now + args.every
+    if thaw_at:
+        os.kill(manager, signal.SIGCONT)
     for host in down:
         host.start()  # so the pool ends with every host up
     return broken[:10]

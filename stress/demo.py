@@ -51,6 +51,10 @@ KINDS: dict[str, tuple[Any, tuple[Any, ...], float | None, set[TaskStatus]]] = {
     # A browser killed mid-task may fail its attempts, a frozen one holds its task to the deadline:
     # FAILED and CANCELLED are allowed; ending twice, or never, is not.
     "browse": (tasks.browse, (), 20.0, {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    # Hostile ones that chaos adds (the daemon's pid folder is given at submission):
+    "daemon": (tasks.daemon_then_hang, (), 0.5, {TaskStatus.CANCELLED}),
+    "fork": (tasks.fork_and_return, (7,), None, {TaskStatus.COMPLETED}),
+    "huge": (tasks.huge, (32,), None, {TaskStatus.COMPLETED}),
 }
 FAULTS = ["hang", "deaf", "crash", "sigkill", "raise"]
 BATCH_EVERY = 1.0  # seconds between HIGH batches of CPU tasks
@@ -85,6 +89,7 @@ class Run:
     chaos: Counter[str] = field(default_factory=Counter)  # faults injected from outside
     timeline: list[dict[str, Any]] = field(default_factory=list)
     peak_mb: dict[str, float] = field(default_factory=dict)  # per worker and per browser
+    pid_dir: str = ""  # where chaos's daemon tasks write their daemons' pids
 
     def count(self, record: TaskRecord) -> None:
         with self.lock:
@@ -312,7 +317,7 @@ def check(
         lost_to_chaos = record.status is TaskStatus.FAILED and isinstance(record.error, WorkerLostError)
         if record.status not in allowed and not lost_to_chaos:
             problems.append(f"{task_id} ({kind}) ended {record.status.name}: {record.error!r}")
-        if kind in ("hang", "deaf") and not isinstance(record.error, TaskTimeoutError):
+        if kind in ("hang", "deaf", "daemon") and not isinstance(record.error, TaskTimeoutError):
             problems.append(f"{task_id} ({kind}) ended without a TaskTimeoutError: {record.error!r}")
         if (
             kind == "cpu"
@@ -320,6 +325,10 @@ def check(
             and record.result != tasks.expected_cpu(20_000)
         ):
             problems.append(f"{task_id} returned a wrong result")
+        expected = {"fork": 7, "huge": 32 << 20}.get(kind)
+        got = len(record.result) if kind == "huge" and record.result is not None else record.result
+        if expected is not None and record.status is TaskStatus.COMPLETED and got != expected:
+            problems.append(f"{task_id} ({kind}) returned a wrong result")
         if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
             problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
     unbalanced = stats_problem(stats, len(kinds))

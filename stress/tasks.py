@@ -68,3 +68,25 @@ async def browse(base: str, account: str) -> int:
         return await page.evaluate("() => document.querySelectorAll('tr').length")  # type: ignore[no-any-return]
     finally:
         await page.close()
+
+
+def daemon_then_hang(pid_dir: str) -> None:
+    """Leave a double-forked daemon in a session of its own (its pid in ``pid_dir``), then hang."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+                pass
+            time.sleep(3600)
+        os._exit(0)
+    hang()
+
+
+def fork_and_return(value: object) -> object:
+    """Fork, and return ``value`` in both processes: only the worker itself may report it."""
+    os.fork()
+    return value
+
+
+def huge(megabytes: int) -> bytes:
+    return b"x" * (megabytes << 20)
