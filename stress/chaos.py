@@ -15,6 +15,7 @@ broken invariant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -154,39 +155,42 @@ def storm(
     end = time.monotonic() + args.duration
     next_fault = next_fanout = time.monotonic() + 1.0
     broken: list[str] = []
-    while (now := time.monotonic()) < end:
-        stats = ex.get_stats()
-        unbalanced = stats_problem(stats, len(state.kinds))
-        if unbalanced:
-            broken.append(f"at {now - end + args.duration:.1f} s: {unbalanced}")
-        if stats["pending_tasks"] < BACKLOG * args.workers:
-            submit_one(ex, state)
-        else:
-            time.sleep(0.005)
-        if thaw_at and now >= thaw_at:
-            os.kill(manager, signal.SIGCONT)
-            thaw_at = 0.0
-        if state.site and now >= next_fanout:
-            fanout(ex, state)
-            next_fanout = now + 2.0
-        for host, back in list(down.items()):
-            if now >= back:
-                host.start()
-                del down[host]
-        if now >= next_fault:
-            name = rng.choice(faults)
-            if name == "manager SIGSTOP" and not thaw_at:
-                os.kill(manager, signal.SIGSTOP)
-                thaw_at = now + MANAGER_FREEZE
-                state.chaos[name] += 1
-            elif name in REMOTE_FAULTS:
-                state.chaos[name] += fault_host(hosts, down, rng, REMOTE_FAULTS[name], now, frozen)
+    try:
+        while (now := time.monotonic()) < end:
+            stats = ex.get_stats()
+            unbalanced = stats_problem(stats, len(state.kinds))
+            if unbalanced:
+                broken.append(f"at {now - end + args.duration:.1f} s: {unbalanced}")
+            if stats["pending_tasks"] < BACKLOG * args.workers:
+                submit_one(ex, state)
             else:
-                signum, browser = FAULTS[name]
-                state.chaos[name] += signal_random(stats, rng, signum, browser)
-            next_fault = now + args.every
-    if thaw_at:
-        os.kill(manager, signal.SIGCONT)
+                time.sleep(0.005)
+            if thaw_at and now >= thaw_at:
+                os.kill(manager, signal.SIGCONT)
+                thaw_at = 0.0
+            if state.site and now >= next_fanout:
+                fanout(ex, state)
+                next_fanout = now + 2.0
+            for host, back in list(down.items()):
+                if now >= back:
+                    host.start()
+                    del down[host]
+            if now >= next_fault:
+                name = rng.choice(faults)
+                if name == "manager SIGSTOP":
+                    if not thaw_at:  # not while it is stopped already
+                        os.kill(manager, signal.SIGSTOP)
+                        thaw_at = now + MANAGER_FREEZE
+                        state.chaos[name] += 1
+                elif name in REMOTE_FAULTS:
+                    state.chaos[name] += fault_host(hosts, down, rng, REMOTE_FAULTS[name], now, frozen)
+                else:
+                    signum, browser = FAULTS[name]
+                    state.chaos[name] += signal_random(stats, rng, signum, browser)
+                next_fault = now + args.every
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(manager, signal.SIGCONT)  # never left stopped, even if the storm broke off
     for host in down:
         host.start()  # so the pool ends with every host up
     return broken[:10]

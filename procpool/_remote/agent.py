@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import _worker
-from .._containment import Jail, enter, kill_orphans
+from .._containment import Jail, Jails, enter, kill_orphans
 from .._memory import TreeSampler
 from .._payload import load_call
 from .._process import set_parent_death_signal
@@ -52,6 +52,10 @@ class Agent:
         self.grace: float = hello[3]
         self.sample_every: float = hello[4]
         self.initializer: bytes | None = hello[5]
+        # A cgroup per worker child where the host has a writable one: what a task detaches
+        # then dies even if this agent is SIGKILLed (the next agent or pool on the host sweeps
+        # the cgroups of dead owners). Else this agent is a subreaper (see main).
+        self.jails = Jails()
         self.max_tasks: int | None = hello[6]  # a fresh child after this many tasks (max_tasks_per_worker)
         self.ran = 0  # tasks the current child ran
         self.generation = 0  # children started so far: events of a replaced child are stale
@@ -155,6 +159,7 @@ class Agent:
             self.conn.close()
             self.conn = None
         self.jail.kill()  # whatever the task left, in the group or out of it
+        self.jail.remove()  # its cgroup, if empty already (else it goes with the agent's)
         kill_orphans()  # what left the tree came back to this subreaper: it goes too
         self.kill_at = None
         if self.task is None and child.exitcode == _BROKEN_EXIT:
@@ -195,7 +200,8 @@ class Agent:
     def start_child(self) -> None:
         ctx = multiprocessing.get_context("fork")  # the agent is single-threaded: fork is safe
         parent, child = ctx.Pipe()
-        args = (child, parent, os.getpid(), self.initializer)
+        cgroup = self.jails.path_for(f"child-{self.generation}")
+        args = (child, parent, os.getpid(), self.initializer, cgroup)
         process = ctx.Process(target=_child_main, args=args, name="procpool-remote")
         process.start()
         child.close()
@@ -205,7 +211,7 @@ class Agent:
         except OSError:
             pass  # it did it first
         self.child, self.conn, self.ran = process, parent, 0
-        self.jail = Jail(process.pid, None)
+        self.jail = Jail(process.pid, cgroup)
         self.generation += 1
         self.selector.register(parent, selectors.EVENT_READ, "result")
         self.selector.register(process.sentinel, selectors.EVENT_READ, "exit")
@@ -216,11 +222,16 @@ class Agent:
             self.jail.kill()
             self.child.join(1.0)
         kill_orphans()
+        self.jails.close()
 
 
-def _child_main(conn: Connection, agents_end: Connection, agent: int, initializer: bytes | None) -> None:
+def _child_main(
+    conn: Connection, agents_end: Connection, agent: int, initializer: bytes | None, cgroup: str | None
+) -> None:
     """The worker child: run tasks one at a time, as a local worker does."""
     agents_end.close()  # else a dead agent's pipe never reads as closed here
+    if cgroup is not None:
+        enter(cgroup)
     _worker.remote = True
     signal.set_wakeup_fd(-1)  # the agent's SIGTERM pipe is not this process's
     os.setpgid(0, 0)
