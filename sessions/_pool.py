@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before the pool's (see below)
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
@@ -102,6 +103,7 @@ class SessionPool:
             weakref.WeakKeyDictionary()
         )
         self._connections_lock = threading.Lock()
+        self._owner = os.getpid()  # a forked child (a pool worker) inherits this object, not its loop
         _register_exit_hook(weakref.ref(self))
 
     def __repr__(self) -> str:
@@ -236,7 +238,9 @@ def _check_account(account: object) -> str:
 
 def _close_at_exit(ref: weakref.ref[SessionPool]) -> None:
     pool = ref()
-    if pool is not None:
+    # Not in a forked child: threading's exit hooks run there too (multiprocessing calls
+    # threading._shutdown as a worker ends), and the copy's loop thread does not exist there.
+    if pool is not None and pool._owner == os.getpid():
         pool.close()
 
 

@@ -245,3 +245,16 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_workers_forked_from_a_process_with_a_session_pool_end_at_once(
+    make_pool: Callable[..., SessionPool], make_executor: Callable[..., Any]
+) -> None:
+    # A forked worker inherits the pool object; its exit hooks must not try to close that copy.
+    pool = make_pool()
+    assert pool.get_stats()["active_sessions"] == 0
+    executor = make_executor(max_local_workers=2, start_method="fork")
+    assert executor.submit(abs, -1).result(timeout=30) == 1
+    start = time.monotonic()
+    executor.shutdown(wait=True)
+    assert time.monotonic() - start < 2.5  # not the 5 s teardown waits for workers to end
