@@ -68,7 +68,7 @@ class Outbox:
                 try:
                     self._queue.put_many(items)
                 except (OSError, EOFError):
-                    # The manager is gone; the supervisor sees its sentinel and
+                    # The manager is gone; the supervisor sees its pidfd and
                     # fails every unfinished task, these included.
                     log.debug("outbox: manager gone, %d tasks not sent", len(items))
                     return

@@ -2,7 +2,7 @@
 
     submitters ── outbox ── put_many ──▶ manager queue ◀── take ── workers
          │                                                    │ started / done (pipe)
-         └─ commands (cancel, shutdown) ─▶ supervisor ◀────────┘ + process sentinels
+         └─ commands (cancel, shutdown) ─▶ supervisor ◀────────┘ + pidfds
                                              │ kill ladder, respawn, retries
                                              └─▶ ledger: records, futures, callbacks, metrics header
 

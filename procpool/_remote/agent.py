@@ -67,6 +67,7 @@ class Agent:
         self.child: Any = None  # multiprocessing.Process
         self.conn: Connection | None = None
         self.jail = Jail(0, None)  # the worker child and whatever it started; set with each child
+        self.child_pidfd = -1  # readable once the child has exited
         self.task: tuple[str, int, float] | None = None  # task id, attempt, started (monotonic)
         self.deadline: float | None = None  # the running task's; None once it is killed for it
         self.kill_at: float | None = None  # when SIGKILL follows the SIGTERM
@@ -152,7 +153,8 @@ class Agent:
     def on_child_exit(self) -> None:
         child, self.child = self.child, None
         child.join()
-        self.selector.unregister(child.sentinel)
+        self.selector.unregister(self.child_pidfd)
+        os.close(self.child_pidfd)
         if self.conn is not None:
             if self.conn.fileno() in self.selector.get_map():
                 self.selector.unregister(self.conn)
@@ -214,7 +216,9 @@ class Agent:
         self.jail = Jail(process.pid, cgroup)
         self.generation += 1
         self.selector.register(parent, selectors.EVENT_READ, "result")
-        self.selector.register(process.sentinel, selectors.EVENT_READ, "exit")
+        # Its pidfd, not its sentinel: a daemon the task left holds the sentinel pipe open.
+        self.child_pidfd = os.pidfd_open(process.pid)
+        self.selector.register(self.child_pidfd, selectors.EVENT_READ, "exit")
 
     def close(self) -> None:
         """Kill the child and whatever it started, however detached."""

@@ -422,3 +422,18 @@ def test_the_initializer_runs_on_the_host_and_one_that_cannot_travel_is_refused(
     assert bound.submit(faults.double, 2).result(timeout=30) == 4  # the local workers got it
     channel.close()
     channel.join_thread()
+
+
+def test_a_remote_worker_death_is_seen_at_once_though_a_daemon_holds_its_fds(
+    make_executor: Make, hosts: Hosts, gate: Path, tmp_path: Path
+) -> None:
+    executor = make_executor(max_local_workers=1, enable_remote=True, max_retries=0)
+    hold_local(executor, gate)
+    add(executor, hosts[0])
+    pid_file = tmp_path / "daemon"
+    start = time.monotonic()
+    task_id = executor.submit_task(faults.daemon_then_exit, (str(pid_file),))
+    with pytest.raises(WorkerLostError, match="exited with code 5"):
+        executor.get_task_result(task_id, timeout=30)
+    assert time.monotonic() - start < 5  # the agent watches its child's pidfd, not a pipe the daemon holds
+    assert wait_until(lambda: not pid_alive(int(pid_file.read_text())), 5)  # and the daemon went too
