@@ -7,12 +7,14 @@ or a subreaper's tree); what is here is what runs before a worker serves
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable
 from multiprocessing import forkserver
 from typing import Any
@@ -78,6 +80,29 @@ def release_fork_server() -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _own_fork_server_after_fork() -> None:
+    """In a child made by os.fork: forget the parent's fork server (a new one starts on need).
+
+    multiprocessing would waitpid() the parent's server, which is not this process's
+    child, and fail; a pool made in the child (forkserver is the default from 3.12)
+    could not start. The child's copy of the server's "alive" pipe is closed too, so the
+    parent's server still ends with the parent.
+    """
+    server: Any = forkserver._forkserver
+    fd = server._forkserver_alive_fd
+    if server._forkserver_pid is None:
+        return  # this process did not start one: a child of the server keeps what it inherits
+    server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
+    server._lock = threading.Lock()  # another thread may have held it at the fork
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_own_fork_server_after_fork)
 
 
 def _alive(pid: int) -> bool:
