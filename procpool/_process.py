@@ -25,6 +25,7 @@ from ._metrics import active_worker_pids
 
 __all__ = (
     "guard_owner",
+    "pid_alive",
     "kill_worker_groups",
     "set_parent_death_signal",
     "signal_group",
@@ -60,7 +61,7 @@ def guard_owner(signum: int, owner_pid: int) -> bool:
     set_parent_death_signal(signum)
     if os.getppid() != parent:
         return False  # the parent died before the signal was armed
-    return parent == owner_pid or _alive(owner_pid)
+    return parent == owner_pid or pid_alive(owner_pid)
 
 
 def release_fork_server() -> None:
@@ -105,7 +106,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_own_fork_server_after_fork)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._metrics import NAME_PREFIX, check_layout
+from ._process import pid_alive
 from ._snapshot import read_snapshot
 
 __all__ = ("PoolInfo", "Watcher", "list_pools")
@@ -88,20 +89,10 @@ def list_pools() -> list[PoolInfo]:
         pid = stats["creator_pid"]
         pools.append(
             PoolInfo(
-                path.name, pid, _alive(pid), stats["created"], stats["total_workers"], stats["total_tasks"]
+                path.name, pid, pid_alive(pid), stats["created"], stats["total_workers"], stats["total_tasks"]
             )
         )
     return sorted(pools, key=lambda p: p.created)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def age(created: float) -> float:
