@@ -80,8 +80,9 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             the slot's workers, is measured into the slot's stats, and ends
             with the pool. A task reaches it with ``procpool.companion_info()``.
             If the factory has a ``warm_up`` method, each worker calls it as it
-            starts (a coroutine runs on the worker's loop), e.g. to connect.
-            Local workers only.
+            starts (a coroutine runs on the worker's loop), e.g. to connect;
+            an ``after_task`` method runs after each task, before its result
+            is sent (e.g. to close the pages the task opened). Local workers only.
         max_remote_workers: remote worker slots the pool can hold, over all
             hosts (with ``enable_remote``).
         max_finished_tasks, finished_task_ttl: how many finished tasks, and
@@ -148,8 +149,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._initargs = tuple(initargs)  # Process arguments: inherited, or pickled by multiprocessing
         self._init_call = (initializer, self._initargs)
         self._companion = _pickle_companion(companion)
-        warm_up = getattr(companion, "warm_up", None)  # the companion's own preparation in each worker
-        self._warm_up = _pickle("companion warm-up: ", {}, warm_up, (), None) if callable(warm_up) else None
+        self._warm_up = _pickle_hook(companion, "warm_up")  # the companion's preparation in each worker
+        self._after_task = _pickle_hook(companion, "after_task")  # and its tidying after each task
         self._authkey = os.urandom(32)
         self._owner = os.getpid()  # a forked child inherits this object, but not its threads
         self._tasks: dict[str, Task] = {}
@@ -615,6 +616,11 @@ def _result_or_cancel(future: concurrent.futures.Future[Any], end: float | None)
     finally:
         future.cancel()  # a no-op once it is done
         del future  # no reference from here to the result or its traceback
+
+
+def _pickle_hook(companion: object, name: str) -> bytes | None:
+    hook = getattr(companion, name, None)
+    return _pickle(f"companion {name}: ", {}, hook, (), None) if callable(hook) else None
 
 
 def _pickle_companion(factory: object) -> bytes | None:

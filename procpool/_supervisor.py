@@ -243,7 +243,7 @@ class Supervisor(TaskEvents, HealthChecks, RemoteSlots, threading.Thread):
                 key, slot, self.manager.address, self.ex._authkey, writer,
                 self.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
                 heartbeat_interval(self.cfg.heartbeat_timeout), self.ex._initializer, self.ex._initargs,
-                self.ex._warm_up, cgroup,
+                self.ex._warm_up, cgroup, self.ex._after_task,
             )  # fmt: skip
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:

@@ -65,6 +65,7 @@ class WorkerSpec:
     initargs: tuple[Any, ...]  # its arguments: inherited under fork, pickled by multiprocessing otherwise
     warm_up: bytes | None  # the companion's preparation in each worker (connect to it), best effort
     cgroup: str | None = None  # the cgroup it moves into at once (else it becomes a subreaper)
+    after_task: bytes | None = None  # the companion's tidying after each task (close its pages), best effort
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -101,7 +102,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
         target=_beat, args=(slot, spec.heartbeat_interval), name="heartbeat", daemon=True
     ).start()
     if spec.warm_up is not None:
-        _warm_up(spec.warm_up)
+        _companion_hook(spec.warm_up, "warm-up")
     slot.idle()  # started: from here the manager's memory baseline counts
     me = os.getpid()
     done = 0
@@ -121,6 +122,8 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
             os._exit(0)  # a copy the task forked came back here: only the worker itself reports
         if subreaper:
             containment.reap()
+        if spec.after_task is not None:  # before the result: the next task may need what it tidies
+            _companion_hook(spec.after_task, "after-task hook")
         slot.finished(message[3], message[5])  # before the result: a caller that has it sees the counts
         spec.conn.send(message)
         if not message[3]:
@@ -140,15 +143,15 @@ def _initialize(spec: WorkerSpec) -> bool:
         return False
 
 
-def _warm_up(payload: bytes) -> None:
-    """Run the companion's warm-up (a coroutine runs on this worker's loop); a failure only costs speed."""
+def _companion_hook(payload: bytes, what: str) -> None:
+    """Run a companion's hook (a coroutine runs on this worker's loop); a failure is only logged."""
     try:
         fn, args, kwargs = load_call(payload)
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             _event_loop().run_until_complete(value)
     except Exception:  # the first task that needs the companion tries again
-        log.warning("the companion warm-up failed in worker %d", os.getpid(), exc_info=True)
+        log.warning("the companion %s failed in worker %d", what, os.getpid(), exc_info=True)
 
 
 def _beat(slot: SlotWriter, interval: float) -> None:

@@ -1,25 +1,28 @@
 """The async core of the session pool; every method runs on the pool's own event loop.
 
     SessionPool (any thread or loop) ── run_coroutine_threadsafe ──▶ Core (pool loop)
-        Core ── BrowserProcess.start / kill ──▶ one Chromium per account, on its own profile
-        Core ── maintain(): idle timeout, health probes, memory samples, recycling
+        Core ── Host.launch / close ──▶ Chromium: one per account ("browser"), or one shared by
+                                        every account, each in its own incognito context ("context")
+        Core ── _state.save / restore ──▶ each account's cookies and local storage on disk
+        Core ── maintain(): idle timeout, health probes, memory samples, recycling, state saves
         Core ── hooks: session_created(account, browser), session_closed(account),
                        session_error(account, error)
+        connections ── on_send (any CDP call by a user, any thread) ──▶ last_used, page cap
 
-The pool loop is the one writer of session state. A session marked in use
-(by ``SessionPool.session()``) is never evicted or recycled by policy.
+The pool loop is the one writer of session state (foreign loops' calls are
+posted to it). A session held in use (``session()``, ``sync_session()``) is
+never evicted, idle-closed, retired or recycled; a session used within the
+last ``_QUIET`` seconds is not recycled either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
+import functools
 import inspect
 import logging
-import os
-import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from . import _policy as policy
-from ._driver import Browser, BrowserProcess, bounded, connect, probe
-from ._errors import ProfileInUseError, SessionError, SessionPoolFullError
-from ._memory import TreeMemory, measure
+from . import _state as state
+from ._driver import Browser, BrowserContext, bounded, pages_of, probe_browser, probe_pages
+from ._errors import SessionError, SessionPoolFullError
+from ._hosts import Host
 
-__all__ = ("HOOKS", "Core", "Session", "Settings")
+__all__ = ("HOOKS", "ISOLATIONS", "Core", "Session", "Settings")
 
 log = logging.getLogger("sessions")
 
 HOOKS = ("session_created", "session_closed", "session_error")
-_CLOSE_GRACE = 5.0  # seconds a healthy browser gets to save its profile and exit before SIGKILL
+ISOLATIONS = ("browser", "context")
+_QUIET = 10.0  # seconds without use before a session over the memory threshold is recycled
+_SAVE_TIMEOUT = 3.0  # seconds a state save may take (a page stuck in JavaScript is skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,52 +57,72 @@ class Settings:
     profile_root: Path
     launch_timeout: float
     call_timeout: float
+    isolation: str = "browser"
+    state_save_interval: float = 5.0
+    acquire_timeout: float = 30.0
+    max_pages: int | None = None
+    retire_after_pages: int | None = None
+    retire_after_requests: int | None = None
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False)
 class Session:
-    """One account's browser, as the pool loop sees it."""
+    """One account's browser (or incognito context), as the pool loop sees it."""
 
     account: str
-    process: BrowserProcess
-    browser: Browser  # the pool loop's own connection
-    lock_fd: int  # holds the profile's lock while the browser runs
+    host: Host
+    context_id: str | None  # None: the host's default context, the whole browser is the account's
+    handle: Browser | BrowserContext  # what users get, on the host's user connection
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    saved_at: float = 0.0  # monotonic time of the last state save
     requests: int = 0
     errors: int = 0
-    in_use: int = 0
+    in_use: int = 0  # open session() / sync_session() blocks
     healthy: bool = True
     closing: bool = False
-    memory: TreeMemory | None = None
-    over_threshold: bool = False
+    pages_open: int = 0
+    pages_opened: int = 0  # pages users opened in this session's life (retire_after_pages)
 
     def usage(self) -> policy.Usage:
-        mb = self.memory.uss_mb if self.memory else None
+        mb = self.host.memory.uss_mb if self.host.memory else None
         return policy.Usage(self.last_used, self.in_use, self.healthy, mb)
 
 
 class Core:
     """Sessions by account; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
+        self.loop = loop
         self.sessions: dict[str, Session] = {}
         self.hooks: dict[str, list[Callable[..., Any]]] = {name: [] for name in HOOKS}
         self.failures: dict[str, int] = {}  # consecutive failed checks or launches, per account
         self.total_requests = 0
         self.total_errors = 0
+        self._shared: Host | None = None  # isolation "context": the one browser
+        self._shared_lock: asyncio.Lock | None = None
+        self._by_context: dict[str, str] = {}  # context id -> account
         self._locks: dict[str, asyncio.Lock] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._freed: asyncio.Event | None = None
+        self._over: set[int] = set()  # hosts (pids) past the memory threshold, warned once
 
     # -- using sessions --------------------------------------------------------
 
     async def get(self, account: str, hold: bool = False) -> Session:
-        """The account's live session, launched if needed (evicting the LRU one when full)."""
+        """The account's live session, opened if needed (making room, or waiting for it)."""
         self.total_requests += 1
         async with self._locks.setdefault(account, asyncio.Lock()):
+            await self._closed_fully(account)  # its profile and state are free again
             session = self.sessions.get(account)
-            if session is not None and not (session.healthy and session.process.alive()):
+            if session is not None and not (session.healthy and session.host.alive()):
+                await self.close(account)
+                session = None
+            if session is not None and not session.in_use and self._retire_due(session):
+                log.info("retiring session %r after %d requests, %d pages", account, session.requests,
+                         session.pages_opened)  # fmt: skip
                 await self.close(account)
                 session = None
             if session is None:
@@ -111,45 +137,151 @@ class Core:
         if session is not None and session.in_use:
             session.in_use -= 1
             session.last_used = time.monotonic()
+            self._room().set()
+
+    def _retire_due(self, session: Session) -> bool:
+        s = self.settings
+        by_requests = s.retire_after_requests is not None and session.requests >= s.retire_after_requests
+        return by_requests or (
+            s.retire_after_pages is not None and session.pages_opened >= s.retire_after_pages
+        )
 
     async def _open(self, account: str) -> Session:
-        if len(self.sessions) >= self.settings.max_sessions:
-            victim = policy.lru_victim({a: s.usage() for a, s in self.sessions.items()})
-            if victim is None:
-                raise SessionPoolFullError(
-                    f"all {self.settings.max_sessions} sessions are in use; cannot open one for {account!r}"
-                )
-            log.info("closing the least recently used session %r to open %r", victim, account)
-            await self.close(victim)
-        profile = self.settings.profile_root / profile_name(account)
-        lock_fd = lock_profile(profile)
-        process = BrowserProcess.start(self.settings.executable, profile)
+        await self._make_room(account)
+        s = self.settings
         try:
-            await process.wait_ready(self.settings.launch_timeout)
-            browser = await connect(process.endpoint, self.settings.call_timeout)
-        except BaseException as exc:
-            process.kill()
-            os.close(lock_fd)
+            if s.isolation == "browser":
+                host = await Host.launch(
+                    s.executable, s.profile_root / state.profile_name(account), s.launch_timeout,
+                    s.call_timeout, functools.partial(self._on_send, account),
+                )  # fmt: skip
+                self._watch(host)
+                context_id, handle, upkeep_handle = None, host.browser, host.upkeep
+            else:
+                host = await self._shared_host()
+                reply = await bounded(
+                    host.upkeep._connection.send("Target.createBrowserContext"), s.call_timeout
+                )
+                context_id = reply["browserContextId"]
+                handle = host.browser._contexts[context_id] = BrowserContext(host.browser, context_id)
+                upkeep_handle = host.upkeep._contexts[context_id] = BrowserContext(host.upkeep, context_id)
+                self._by_context[context_id] = account
+        except Exception as exc:
             self._count_failure(account)
             await self._fire("session_error", account, exc)
             raise
-        session = Session(account, process, browser, lock_fd)
-        browser.on("disconnected", lambda: self._on_disconnected(session))
+        session = Session(account, host, context_id, handle)
         self.sessions[account] = session
-        # Measured at once, so get_stats() has a real figure before the first sampling round.
-        session.memory = await asyncio.get_running_loop().run_in_executor(None, _measure, process)
-        log.info("session %r: Chromium pid %d on %s", account, process.pid, profile)
-        await self._fire("session_created", account, browser)
+        host.accounts.add(account)
+        try:
+            await state.restore(
+                host.upkeep, upkeep_handle, state.state_path(s.profile_root, account), s.call_timeout
+            )
+        except Exception as exc:  # noqa: BLE001 - a session without its old login still works
+            log.warning("session %r: its saved login could not be restored: %s", account, exc)
+        log.info("session %r: Chromium pid %d, %s", account, host.process.pid, context_id or "own browser")
+        await self._fire("session_created", account, handle)
         return session
 
-    def _on_disconnected(self, session: Session) -> None:
-        if session.closing or self.sessions.get(session.account) is not session:
-            return  # we closed it ourselves
-        session.healthy = False
-        error = SessionError(
-            f"the browser of session {session.account!r} (pid {session.process.pid}) went away"
+    async def _make_room(self, account: str) -> None:
+        deadline = time.monotonic() + self.settings.acquire_timeout
+        while len(self.sessions) >= self.settings.max_sessions:
+            victim = policy.lru_victim({a: s.usage() for a, s in self.sessions.items()})
+            if victim is not None:
+                log.info("closing the least recently used session %r to open %r", victim, account)
+                await self.close(victim)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SessionPoolFullError(
+                    f"all {self.settings.max_sessions} sessions stayed in use for "
+                    f"{self.settings.acquire_timeout:g} s (acquire_timeout); cannot open one for {account!r}"
+                )
+            self._room().clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room().wait(), left)
+
+    def _room(self) -> asyncio.Event:
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        return self._freed
+
+    async def _shared_host(self) -> Host:
+        if self._shared_lock is None:
+            self._shared_lock = asyncio.Lock()
+        async with self._shared_lock:
+            if self._shared is None or not self._shared.alive():
+                if self._shared is not None:
+                    await self._lose_host(self._shared, SessionError("the shared browser went away"))
+                s = self.settings
+                host = await Host.launch(s.executable, s.profile_root / "shared", s.launch_timeout,
+                                         s.call_timeout, functools.partial(self._on_send, None))  # fmt: skip
+                self._watch(host)
+                self._shared = host
+            return self._shared
+
+    # -- what users do, seen from their connections -----------------------------------
+
+    def _on_send(self, account: str | None, context_id: str | None, method: str) -> None:
+        """Every CDP call a user makes (on any thread): use, and the page cap. Raises to refuse."""
+        if account is None:
+            account = self._by_context.get(context_id or "")
+        session = self.sessions.get(account) if account else None
+        if session is None:
+            return
+        if method == "Target.createTarget":
+            cap = self.settings.max_pages
+            if cap is not None and session.pages_open >= cap:
+                raise SessionError(
+                    f"session {account!r} has {session.pages_open} pages open (max_pages={cap})"
+                )
+        if threading.get_ident() == self.loop._thread_id:  # type: ignore[attr-defined]
+            self._used(session, method)
+        else:
+            self.loop.call_soon_threadsafe(self._used, session, method)
+
+    def _used(self, session: Session, method: str) -> None:
+        session.last_used = time.monotonic()
+        session.pages_opened += method == "Target.createTarget"
+
+    def _watch(self, host: Host) -> None:
+        host.browser.on("disconnected", lambda: self._host_lost(host))
+        host.browser.on("targetcreated", lambda target: self._count_page(host, target, 1))
+        host.browser.on("targetdestroyed", lambda target: self._count_page(host, target, -1))
+
+    def _count_page(self, host: Host, target: Any, delta: int) -> None:
+        if target.type != "page":
+            return
+        owner = target._targetInfo.get("browserContextId")
+        account = (
+            self._by_context.get(owner)
+            if self.settings.isolation == "context"
+            else next(iter(host.accounts), None)
         )
-        asyncio.get_running_loop().create_task(self._fail(session, error))
+        session = self.sessions.get(account) if account else None
+        if session is not None and session.host is host:
+            session.pages_open = max(0, session.pages_open + delta)
+
+    # -- failures ------------------------------------------------------------------
+
+    def _host_lost(self, host: Host) -> None:
+        if host.closing:
+            return  # we closed it ourselves
+        host.healthy = False
+        error = SessionError(f"the browser (pid {host.process.pid}) went away")
+        self._spawn(self._lose_host(host, error))
+
+    async def _lose_host(self, host: Host, error: BaseException) -> None:
+        """A browser that failed: every session on it fails (recreated on next use), then it is closed."""
+        host.healthy = False
+        for account in list(host.accounts):
+            session = self.sessions.get(account)
+            if session is not None and session.host is host:
+                await self._fail(session, error)
+        if self._shared is host:
+            self._shared = None
+        if not host.closing:
+            await host.close()
 
     async def _fail(self, session: Session, error: BaseException) -> None:
         """A session that failed: count it, tell the hooks, close it (recreated on next use)."""
@@ -160,61 +292,91 @@ class Core:
         session.errors += 1
         self._count_failure(session.account)
         await self._fire("session_error", session.account, error)
-        await self.close(session.account)
+        await self.close(session.account, session)
 
     def _count_failure(self, account: str) -> None:
         self.total_errors += 1
         self.failures[account] = self.failures.get(account, 0) + 1
 
-    async def close(self, account: str) -> bool:
-        """Close one session: its whole process tree is killed and reaped.
+    # -- closing -------------------------------------------------------------------
+
+    async def close(self, account: str, session: Session | None = None) -> bool:
+        """Close one session (only ``session``, if given): its state is saved, then its browser
+        (its whole process tree) or its context goes.
 
         The closing runs to the end even if the caller is cancelled (the pool
         shutting down), so no browser is left running unseen.
         """
-        session = self.sessions.pop(account, None)
-        if session is None:
+        current = self.sessions.get(account)
+        if current is None or (session is not None and current is not session):
             return False
-        session.closing = True
-        task = asyncio.get_running_loop().create_task(self._finish_close(session))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        del self.sessions[account]
+        current.closing = True
+        task = self.loop.create_task(self._finish_close(current))
+        self._closing[account] = task
+        task.add_done_callback(
+            lambda t: self._closing.pop(account, None) if self._closing.get(account) is t else None
+        )
+        self._room().set()
         await asyncio.shield(task)
         return True
 
-    async def _finish_close(self, session: Session) -> None:
-        grace = 0.0
-        if session.healthy and session.process.alive():
-            # Browser.close lets Chromium write its cookies and state to the profile first.
+    async def _closed_fully(self, account: str) -> None:
+        task = self._closing.get(account)
+        if task is not None:
             with contextlib.suppress(Exception):
-                await bounded(session.browser.close(), _CLOSE_GRACE)
-                grace = _CLOSE_GRACE
-        with contextlib.suppress(Exception):
-            await bounded(session.browser.disconnect(), _CLOSE_GRACE)
-        await asyncio.get_running_loop().run_in_executor(None, session.process.stop, grace)
-        os.close(session.lock_fd)
+                await asyncio.shield(task)
+
+    async def _finish_close(self, session: Session) -> None:
+        host = session.host
+        if session.healthy and host.alive():
+            await self._save(session)
+        host.accounts.discard(session.account)
+        if session.context_id is None:
+            await host.close()
+        else:
+            self._by_context.pop(session.context_id, None)
+            if host.alive():
+                with contextlib.suppress(Exception):
+                    call = host.upkeep._connection.send("Target.disposeBrowserContext",
+                                                        {"browserContextId": session.context_id})  # fmt: skip
+                    await bounded(call, self.settings.call_timeout)
+            host.browser._contexts.pop(session.context_id, None)
+            host.upkeep._contexts.pop(session.context_id, None)
         await self._fire("session_closed", session.account)
 
     async def close_all(self) -> None:
-        """Close every session, and wait for closings already under way."""
+        """Close every session and browser, and wait for closings already under way."""
         for account in list(self.sessions):
             await self.close(account)
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            await asyncio.gather(*self._closing.values(), return_exceptions=True)
+        if self._shared is not None:
+            host, self._shared = self._shared, None
+            await host.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- upkeep ------------------------------------------------------------------
 
     async def maintain(self) -> None:
-        """Idle timeouts, health checks and memory samples, for as long as the pool lives."""
+        """Idle timeouts, health checks, memory samples and state saves, for as long as the pool lives."""
         s = self.settings
-        tick = min(1.0, s.health_check_interval / 4, s.session_idle_timeout / 4, s.memory_sample_interval)
+        tick = min(1.0, s.health_check_interval / 4, s.session_idle_timeout / 4, s.memory_sample_interval,
+                   s.state_save_interval)  # fmt: skip
         next_check = time.monotonic() + s.health_check_interval
-        next_sample = time.monotonic()
+        next_sample = next_save = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
             try:
                 await self._expire_idle(now)
+                if now >= next_save:
+                    next_save = now + s.state_save_interval
+                    await self.save_states()
                 if now >= next_sample:
                     next_sample = now + s.memory_sample_interval
                     await self.sample_memory()
@@ -230,38 +392,74 @@ class Core:
             log.info("session %r idle for over %g s; closing it", account, self.settings.session_idle_timeout)
             await self.close(account)
 
-    async def check_health(self) -> None:
-        """Probe every session; close the ones that fail."""
+    async def save_states(self) -> None:
+        """Save the login state of every session used since its last save."""
         for session in list(self.sessions.values()):
-            if session.closing:
+            if session.last_used > session.saved_at and session.healthy and not session.closing:
+                await self._save(session)
+
+    async def _save(self, session: Session) -> None:
+        path = state.state_path(self.settings.profile_root, session.account)
+        started = time.monotonic()
+        try:
+            await state.save(session.host.upkeep, session.context_id, path, _SAVE_TIMEOUT)
+            session.saved_at = started
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.debug("session %r: state not saved: %r", session.account, exc)
+
+    def hosts(self) -> list[Host]:
+        found = {id(s.host): s.host for s in self.sessions.values()}
+        if self._shared is not None:
+            found[id(self._shared)] = self._shared
+        return list(found.values())
+
+    async def check_health(self) -> None:
+        """Probe every browser, then the pages of every session; close what fails."""
+        timeout = min(self.settings.call_timeout, 10.0)
+        for host in self.hosts():
+            if host.closing:
                 continue
-            reason = await probe(session.browser, self.settings.call_timeout)
-            if reason is None and not session.process.alive():
-                reason = f"Chromium (pid {session.process.pid}) has exited"
-            if reason is None:
-                self.failures[session.account] = 0
+            reason = await probe_browser(host.upkeep, timeout)
+            if reason is None and not host.process.alive():
+                reason = f"Chromium (pid {host.process.pid}) has exited"
+            if reason is not None:
+                await self._lose_host(
+                    host, SessionError(f"health check of browser {host.process.pid} failed: {reason}")
+                )
                 continue
-            await self._fail(
-                session, SessionError(f"health check of session {session.account!r} failed: {reason}")
-            )
+            for account in list(host.accounts):
+                session = self.sessions.get(account)
+                if session is None or session.closing:
+                    continue
+                reason = await probe_pages(pages_of(host.upkeep, session.context_id), timeout)
+                if reason is None:
+                    self.failures[account] = 0
+                else:
+                    await self._fail(
+                        session, SessionError(f"health check of session {account!r} failed: {reason}")
+                    )
 
     async def sample_memory(self) -> None:
-        """Measure each browser tree (off the loop) and recycle idle ones past the threshold."""
-        loop = asyncio.get_running_loop()
+        """Measure each browser tree (off the loop) and recycle quiet ones past the threshold."""
         threshold = self.settings.memory_threshold_mb
-        for session in list(self.sessions.values()):
-            memory = await loop.run_in_executor(None, _measure, session.process)
-            session.memory = memory
+        for host in self.hosts():
+            host.memory = memory = await self.loop.run_in_executor(None, host.measure)
             over = threshold is not None and memory.uss_mb > threshold
-            if over and not session.over_threshold:
+            if over and host.process.pid not in self._over:
                 log.warning(
-                    "session %r uses %.0f MB (USS of its browser tree), over memory_threshold_mb=%g",
-                    session.account, memory.uss_mb, threshold,
+                    "browser %d (sessions %s) uses %.0f MB (USS of its tree), over memory_threshold_mb=%g",
+                    host.process.pid, ", ".join(sorted(host.accounts)) or "none", memory.uss_mb, threshold,
                 )  # fmt: skip
-            session.over_threshold = over
-            if policy.needs_recycle(session.usage(), threshold) and not session.closing:
-                log.info("recycling session %r for its memory; its profile is kept", session.account)
-                await self.close(session.account)
+            (self._over.add if over else self._over.discard)(host.process.pid)
+            users = [self.sessions[a] for a in host.accounts if a in self.sessions]
+            now = time.monotonic()
+            if users and all(policy.needs_recycle(s.usage(), threshold, now, _QUIET) for s in users):
+                log.info("recycling browser %d for its memory; logins are kept", host.process.pid)
+                for session in users:
+                    await self.close(session.account, session)
+                if self._shared is host:
+                    self._shared = None
+                    await host.close()
 
     # -- hooks and stats -----------------------------------------------------------
 
@@ -281,47 +479,28 @@ class Core:
             "max_sessions": self.settings.max_sessions,
             "total_requests": self.total_requests,
             "total_errors": self.total_errors,
+            "isolation": self.settings.isolation,
+            "browsers": len(self.hosts()),
             "sessions": {a: self._session_stats(s, now) for a, s in self.sessions.items()},
         }
 
     def _session_stats(self, s: Session, now: float) -> dict[str, Any]:
         idle = now - s.last_used
+        memory = s.host.memory
         return {
             "created_at": datetime.fromtimestamp(s.created_at).isoformat(timespec="seconds"),
             "last_used": datetime.fromtimestamp(time.time() - idle).isoformat(timespec="seconds"),
             "idle_seconds": idle,
             "requests": s.requests,
             "errors": s.errors,
-            "memory_mb": s.memory.uss_mb if s.memory else None,
-            "pss_mb": s.memory.pss_mb if s.memory else None,
-            "processes": s.memory.processes if s.memory else None,
-            "healthy": s.healthy and s.process.alive(),
+            "memory_mb": memory.uss_mb if memory else None,  # the whole browser tree it runs in
+            "pss_mb": memory.pss_mb if memory else None,
+            "processes": memory.processes if memory else None,
+            "shared_by": len(s.host.accounts),  # sessions in that browser (isolation "context")
+            "healthy": s.healthy and s.host.alive(),
             "consecutive_failures": self.failures.get(s.account, 0),
             "in_use": s.in_use,
-            "pid": s.process.pid,
+            "pages_open": s.pages_open,
+            "pages_opened": s.pages_opened,
+            "pid": s.host.process.pid,
         }
-
-
-def _measure(process: BrowserProcess) -> TreeMemory:
-    return measure(process.tree())
-
-
-def profile_name(account: str) -> str:
-    """A directory name for an account: readable, safe, and distinct for distinct accounts."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", account)[:40].lstrip(".") or "account"
-    return f"{safe}-{hashlib.sha256(account.encode()).hexdigest()[:8]}"
-
-
-def lock_profile(profile: Path) -> int:
-    """Lock a profile directory for one browser; the lock ends with the fd (or the process)."""
-    profile.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(profile / ".sessions.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ProfileInUseError(
-            f"profile {profile} is in use by another browser (another SessionPool or process); "
-            f"two browsers on one profile would corrupt it"
-        ) from None
-    return fd

@@ -1,217 +1,279 @@
-"""Chromium processes and their CDP connections: the only module that imports pyppeteer.
+"""CDP connections to Chromium: the only module that imports pyppeteer.
 
-    BrowserProcess.start ── Popen (own session, parent-death signal) ──▶ chromium --remote-debugging-port=0
-         │ reads "DevTools listening on ws://..." from its log file, with a timeout
-         ▼
-    connect(endpoint) ── pyppeteer Connection + Browser ──▶ Browser (on the calling event loop)
+    connect(endpoint) ── Connection (ours) + pyppeteer Browser ──▶ Browser on the calling loop
+        every call ── a deadline (call_timeout) ──▶ fails with CallTimeoutError if unanswered
+        a tab crashes ── Inspector/Target.targetCrashed ──▶ its pending calls fail, PageCrashedError
+        calls pending, browser silent ── watchdog ping ──▶ every pending call fails, BrowserGoneError
+        browser gone ── socket closes ──▶ every pending call fails (pyppeteer's NetworkError)
+        on_send(context_id, method) ──▶ the pool: counts use, caps pages
 
-- The process is started here, not by ``pyppeteer.launch``: a failed launch
-  reports Chromium's own words at once, pyppeteer never touches signal
-  handlers, and never downloads a browser.
-- The browser gets SIGKILL when the thread that started it ends (prctl
-  parent-death signal, set by ``setpriv``), so a SIGKILLed owner leaves no
-  Chromium behind; its renderers follow their browser process.
-- Every CDP call made here is bounded by a timeout that does not break the
-  connection when it fires (``wait_for(shield(...))``).
+pyppeteer itself never fails pending calls of a crashed tab, lets one late
+reply to a cancelled call kill its receive loop, and raises listener errors
+("Page crashed!") inside that loop: the subclasses here close those holes.
+Nothing pyppeteer raises in a background task reaches stderr: it is logged
+at debug level.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import psutil
+import websockets.exceptions
 from pyee import EventEmitter
-from pyppeteer.browser import Browser
-from pyppeteer.connection import Connection
-from pyppeteer.errors import NetworkError
+from pyppeteer.browser import Browser, BrowserContext
+from pyppeteer.connection import CDPSession, Connection
+from pyppeteer.errors import NetworkError, PyppeteerError
 from websockets.legacy.client import connect as ws_connect
 
-from ._errors import BrowserLaunchError, BrowserNotFoundError
+from ._errors import BrowserGoneError, CallTimeoutError, PageCrashedError, SessionError
 
-__all__ = ("ENV_EXECUTABLE", "Browser", "BrowserProcess", "bounded", "connect", "find_chromium", "probe")
-
-ENV_EXECUTABLE = "SESSIONS_CHROMIUM"  # overrides where Chromium is looked for
-_CANDIDATES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome", "chrome")
-_FLAGS = (
-    "--headless", "--disable-gpu", "--disable-quic", "--no-first-run", "--no-default-browser-check",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-crash-reporter", "--disable-breakpad", "--disable-dev-shm-usage", "--mute-audio",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+__all__ = (
+    "Browser", "BrowserContext", "OnSend", "bounded", "connect", "context_of", "pages_of", "probe_browser",
+    "probe_pages",
 )  # fmt: skip
-_ENDPOINT = re.compile(r"DevTools listening on (ws://\S+)")
+
+OnSend = Callable[[str | None, str], None]  # (browser context id or None, CDP method); may raise
 _NAVIGATING = re.compile(r"context was destroyed|Cannot find context|Target closed|Session closed")
-_POLL = 0.005  # seconds between looks at the log while Chromium starts
-_KILL_WAIT = 5.0  # seconds for a SIGKILLed browser to be reaped
+_PING_AFTER = 2.0  # seconds a call may wait before the watchdog asks the browser if it lives
+_FROZEN_AFTER = 5.0  # seconds of silence to a ping before every pending call is failed
+_WATCH_TICK = 1.0
 T = TypeVar("T")
 log = logging.getLogger("sessions")
 
 
-def find_chromium(executable: str | os.PathLike[str] | None = None) -> str:
-    """The Chromium to run: ``executable``, else $SESSIONS_CHROMIUM, else the usual names.
-
-    Raises:
-        BrowserNotFoundError: with how to install one.
-    """
-    for given, where in ((executable, "executable_path"), (os.environ.get(ENV_EXECUTABLE), ENV_EXECUTABLE)):
-        if given:
-            path = shutil.which(str(given))
-            if path is None:
-                raise BrowserNotFoundError(f"{where}={str(given)!r} is not an executable file")
-            return path
-    for name in _CANDIDATES:
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    raise BrowserNotFoundError(
-        "no Chromium found (looked for " + ", ".join(_CANDIDATES) + "). Install it with "
-        "`apt-get install chromium` on Debian or Ubuntu, or pass executable_path=... or set "
-        f"{ENV_EXECUTABLE}=/path/to/chromium"
-    )
-
-
-@dataclass(slots=True)
-class BrowserProcess:
-    """A Chromium process tree this process started and owns."""
-
-    executable: str
-    profile: Path
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    endpoint: str = ""
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid  # also its process group and session
-
-    @classmethod
-    def start(cls, executable: str, profile: Path, extra_args: tuple[str, ...] = ()) -> BrowserProcess:
-        """Start Chromium on ``profile``; call ``ready`` until it returns the endpoint."""
-        profile.mkdir(parents=True, exist_ok=True)
-        fd, log = tempfile.mkstemp(prefix="chromium-", suffix=".log")
-        flags = [*_FLAGS, f"--user-data-dir={profile}", *extra_args, "about:blank"]
-        if os.geteuid() == 0:
-            flags.insert(0, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        argv = [executable, *flags]
-        if shutil.which("setpriv"):
-            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
-        try:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True
-            )
-        finally:
-            os.close(fd)
-        return cls(executable, profile, popen, Path(log))
-
-    def ready(self) -> str | None:
-        """The endpoint once Chromium is listening; None while it starts.
-
-        Raises:
-            BrowserLaunchError: Chromium exited; the message holds its own output.
-        """
-        text = self.log_path.read_text(errors="replace")
-        found = _ENDPOINT.search(text)
-        if found:
-            self.endpoint = found.group(1)
-            return self.endpoint
-        if self.popen.poll() is not None:
-            self.kill()
-            raise BrowserLaunchError(
-                f"{self.executable} exited with code {self.popen.returncode} at start-up: {_tail(text)}"
-            )
-        return None
-
-    async def wait_ready(self, timeout: float) -> str:
-        """Wait (without blocking the loop) for the endpoint."""
-        deadline = time.monotonic() + timeout
-        while (endpoint := self.ready()) is None:
-            if time.monotonic() > deadline:
-                text = self.log_path.read_text(errors="replace")
-                self.kill()
-                raise BrowserLaunchError(f"Chromium did not start within {timeout:g} s: {_tail(text)}")
-            await asyncio.sleep(_POLL)
-        return endpoint
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tree(self) -> list[psutil.Process]:
-        """The browser and every descendant (renderers, GPU, zygote), as far as they are found."""
-        try:
-            root = psutil.Process(self.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def stop(self, grace: float) -> None:
-        """Wait up to ``grace`` for the browser to exit on its own (it was asked to), then kill."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(grace)
-        self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the whole tree and reap it. Never raises; safe to call twice."""
-        strays = [p for p in self.tree() if _pgid(p.pid) != self.pid]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        for proc in strays:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(_KILL_WAIT)
-        with contextlib.suppress(OSError):
-            self.log_path.unlink()
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
-def _tail(text: str, lines: int = 8) -> str:
-    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
-    return " | ".join(kept) or "(no output)"
+def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any = None) -> None:
+    """Complete a call's future unless it already is (cancelled, timed out): never raises."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class _Connection(Connection):  # type: ignore[misc]
-    """pyppeteer's connection without the ``loop=`` argument websockets 10 deprecates."""
+    """pyppeteer's browser connection, with deadlines, a watchdog and a receive loop that never dies."""
 
-    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
-        # Connection.__init__ of pyppeteer 2.0.0, less the deprecated argument.
+    def __init__(
+        self, url: str, loop: asyncio.AbstractEventLoop, call_timeout: float, on_send: OnSend | None
+    ) -> None:
+        # Connection.__init__ of pyppeteer 2.0.0, less the ``loop=`` argument websockets 10 deprecates.
         EventEmitter.__init__(self)
         self._url = url
         self._lastId = 0
         self._callbacks: dict[int, asyncio.Future[Any]] = {}
         self._delay = 0.0
         self._loop = loop
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[str, _Session] = {}
         self._connected = False
         self._ws = ws_connect(url, max_size=None, ping_interval=None, ping_timeout=None)
         self._recv_fut = loop.create_task(self._recv_loop())
         self._closeCallback = None
+        self.call_timeout = call_timeout
+        self.on_send = on_send
+        self._watch = loop.create_task(self._watchdog())
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, method: str, params: dict[str, Any] | None = None) -> asyncio.Future[Any]:
+        if self.on_send is not None and method != "Target.sendMessageToTarget":
+            self.on_send((params or {}).get("browserContextId"), method)
+        future: asyncio.Future[Any] = super().send(method, params)
+        _arm(self._loop, future, self._callbacks, self._lastId, method, self.call_timeout)
+        return future
+
+    async def _async_send(self, msg: str, callback_id: int) -> None:
+        while not self._connected:
+            await asyncio.sleep(self._delay)
+        try:
+            await self.connection.send(msg)
+        except websockets.exceptions.ConnectionClosed:
+            log.debug("a CDP call found the connection closed")  # pyppeteer logs this as an error
+            await self.dispose()
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def _on_message(self, message: str) -> None:
+        try:
+            msg = json.loads(message)
+            if "id" in msg:
+                future = self._callbacks.pop(msg["id"], None)
+                if future is not None:
+                    error = msg.get("error")
+                    _settle(future, _protocol_error(future, error) if error else None, msg.get("result"))
+            else:
+                self._on_event(msg.get("method", ""), msg.get("params", {}))
+        except Exception:
+            log.debug("a CDP message was dropped: %.200s", message, exc_info=True)
+
+    def _on_event(self, method: str, params: dict[str, Any]) -> None:
+        session = self._sessions.get(params.get("sessionId", ""))
+        if method == "Target.receivedMessageFromTarget":
+            if session is not None:
+                session._on_message(params.get("message", "{}"))
+        elif method == "Target.detachedFromTarget":
+            if session is not None:
+                session._on_closed()
+                del self._sessions[params["sessionId"]]
+        elif method == "Target.targetCrashed":
+            for each in list(self._sessions.values()):
+                if each.target_id == params.get("targetId"):
+                    each.crash()
+            self.emit(method, params)
+        else:
+            self.emit(method, params)
+
+    async def _on_close(self) -> None:
+        if self._closeCallback:
+            callback, self._closeCallback = self._closeCallback, None
+            with contextlib.suppress(Exception):
+                callback()
+        gone = [self._callbacks.pop(i) for i in list(self._callbacks)]
+        for future in gone:
+            _settle(future, NetworkError(f"Protocol error {getattr(future, 'method', '')}: Target closed."))
+        for session in list(self._sessions.values()):
+            session._on_closed()
+        self._sessions.clear()
+        self._watch.cancel()
+        if hasattr(self, "connection"):
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+        if not self._recv_fut.done():
+            self._recv_fut.cancel()
+
+    async def createSession(self, targetInfo: dict[str, Any]) -> _Session:
+        reply = await self.send("Target.attachToTarget", {"targetId": targetInfo["targetId"]})
+        session = _Session(self, targetInfo["type"], reply.get("sessionId"), self._loop)
+        session.target_id = targetInfo["targetId"]
+        session.context_id = targetInfo.get("browserContextId")
+        self._sessions[session._sessionId] = session
+        return session
+
+    # -- a frozen browser ------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Ping the browser while calls wait; fail them all when it stays silent."""
+        while True:
+            await asyncio.sleep(_WATCH_TICK)
+            if not self._connected or not self._overdue():
+                continue
+            ping = Connection.send(self, "Browser.getVersion")
+            try:
+                await asyncio.wait_for(asyncio.shield(ping), _FROZEN_AFTER)
+            except TimeoutError:
+                ping.add_done_callback(_drop)
+                self.fail_all(
+                    BrowserGoneError(f"the browser answered nothing for {_FROZEN_AFTER:g} s (frozen?)")
+                )
+            except Exception:  # noqa: BLE001 - closed: _on_close fails the calls
+                pass
+
+    def _overdue(self) -> bool:
+        now = time.monotonic()
+        waiting = [*self._callbacks.values()]
+        for session in self._sessions.values():
+            waiting.extend(session._callbacks.values())
+        return any(now - getattr(f, "sent_at", now) > _PING_AFTER for f in waiting)
+
+    def fail_all(self, error: SessionError) -> None:
+        """Fail every pending call of this connection and its pages with ``error``."""
+        for callbacks in (self._callbacks, *(s._callbacks for s in self._sessions.values())):
+            for call_id in list(callbacks):
+                _settle(callbacks.pop(call_id), error)
 
 
-async def connect(endpoint: str, timeout: float) -> Browser:
-    """A pyppeteer Browser on the running loop for a Chromium already listening at ``endpoint``."""
+class _Session(CDPSession):  # type: ignore[misc]
+    """pyppeteer's per-target session, with deadlines and crash handling."""
+
+    target_id = ""
+    context_id: str | None = None
+    crashed = False
+
+    def send(self, method: str, params: dict[str, Any] | None = None) -> asyncio.Future[Any]:
+        connection = self._connection
+        if self.crashed:
+            raise PageCrashedError(f"{method}: this page crashed (its renderer died); open a new page")
+        if isinstance(connection, _Connection) and connection.on_send is not None:
+            connection.on_send(self.context_id, method)
+        future: asyncio.Future[Any] = super().send(method, params)
+        timeout = connection.call_timeout if isinstance(connection, _Connection) else None
+        _arm(self._loop, future, self._callbacks, self._lastId, method, timeout)
+        return future
+
+    def _on_message(self, msg: str) -> None:
+        try:
+            obj = json.loads(msg)
+            if obj.get("id"):
+                future = self._callbacks.pop(obj["id"], None)
+                if future is not None:
+                    error = obj.get("error")
+                    _settle(future, _protocol_error(future, error) if error else None, obj.get("result"))
+                return
+            if obj.get("method") == "Inspector.targetCrashed":
+                self.crash()
+            self.emit(obj.get("method"), obj.get("params", {}))
+        except Exception:
+            log.debug("a page event was dropped: %.200s", msg, exc_info=True)
+
+    def crash(self) -> None:
+        """The tab's renderer died: fail what waits on it, and refuse what comes."""
+        self.crashed = True
+        for call_id in list(self._callbacks):
+            future = self._callbacks.pop(call_id)
+            _settle(future, PageCrashedError(f"{getattr(future, 'method', 'a call')}: the page crashed"))
+
+    def _on_closed(self) -> None:
+        for call_id in list(self._callbacks):
+            future = self._callbacks.pop(call_id)
+            _settle(future, NetworkError(f"Protocol error {getattr(future, 'method', '')}: Target closed."))
+        self._connection = None
+
+
+def _arm(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    callbacks: dict[int, asyncio.Future[Any]],
+    call_id: int,
+    method: str,
+    timeout: float | None,
+) -> None:
+    """Give a pending call its deadline."""
+    future.sent_at = time.monotonic()  # type: ignore[attr-defined]
+    if timeout is None or future.done():
+        return
+
+    def expire() -> None:
+        if callbacks.get(call_id) is future:
+            del callbacks[call_id]
+            _settle(future, CallTimeoutError(f"{method} got no answer within {timeout:g} s (call_timeout)"))
+
+    handle = loop.call_later(timeout, expire)
+    future.add_done_callback(lambda _: handle.cancel())
+
+
+def _protocol_error(future: asyncio.Future[Any], error: dict[str, Any]) -> NetworkError:
+    message = f"Protocol error ({getattr(future, 'method', '')}): {error.get('message', '')}"
+    if "data" in error:
+        message += f" {error['data']}"
+    return NetworkError(message)
+
+
+async def connect(endpoint: str, timeout: float, on_send: OnSend | None = None) -> Browser:
+    """A pyppeteer Browser on the running loop for a Chromium already listening at ``endpoint``.
+
+    Every CDP call made through it fails after ``timeout`` seconds without an answer.
+    """
     loop = asyncio.get_running_loop()
     if loop.get_exception_handler() is None:
-        loop.set_exception_handler(_quiet_orphans)
-    connection = _Connection(endpoint, loop)
+        loop.set_exception_handler(_quiet_background)
+    connection = _Connection(endpoint, loop, timeout, on_send)
     try:
         reply = await bounded(connection.send("Target.getBrowserContexts"), timeout)
         contexts = (reply or {}).get("browserContextIds", [])
@@ -224,8 +286,15 @@ async def connect(endpoint: str, timeout: float) -> Browser:
         raise
 
 
+def context_of(browser: Browser, context_id: str | None) -> Browser | BrowserContext | None:
+    """The object for a browser context on this connection (the Browser itself for the default)."""
+    if context_id is None:
+        return browser
+    return browser._contexts.get(context_id)
+
+
 async def bounded(call: Awaitable[T], timeout: float) -> T:
-    """Await a CDP call for at most ``timeout``; a late reply is dropped, the connection lives on."""
+    """Await a call for at most ``timeout``; a late reply is dropped, the connection lives on."""
     inner = asyncio.ensure_future(call)
     try:
         return await asyncio.wait_for(asyncio.shield(inner), timeout)
@@ -234,11 +303,17 @@ async def bounded(call: Awaitable[T], timeout: float) -> T:
             inner.add_done_callback(_drop)
 
 
-def _quiet_orphans(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    # pyppeteer sends some CDP commands without awaiting them; when a page or browser
-    # goes away their futures fail with nobody to hear it. That is not news.
-    if isinstance(context.get("exception"), NetworkError) and "never retrieved" in context.get("message", ""):
-        log.debug("dropped: %s", context["exception"])
+def _quiet_background(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # pyppeteer runs event handlers and some CDP calls as tasks nobody awaits; when a page or
+    # a browser goes away they fail with nobody to hear it. That is not news.
+    exception = context.get("exception")
+    future = context.get("future") or context.get("task")
+    code = getattr(getattr(future, "get_coro", lambda: None)(), "cr_code", None)
+    ours = isinstance(
+        exception, (PyppeteerError, SessionError, ConnectionError, websockets.exceptions.ConnectionClosed)
+    )
+    if ours or (code is not None and "pyppeteer" in code.co_filename):
+        log.debug("dropped: %s: %r", context.get("message"), exception)
         return
     loop.default_exception_handler(context)
 
@@ -248,27 +323,49 @@ def _drop(future: asyncio.Future[Any]) -> None:
         future.exception()  # retrieved, so asyncio does not log it: nobody waits for it any more
 
 
-async def probe(browser: Browser, timeout: float) -> str | None:
-    """Check a browser with two probes; None if healthy, else what failed.
+def pages_of(browser: Browser, context_id: str | None) -> list[Any]:
+    """The page targets of one browser context (``None``: the default one) on this connection."""
+    found = []
+    for target in browser.targets():
+        owner = target._targetInfo.get("browserContextId")
+        mine = owner == context_id if context_id else owner not in browser._contexts
+        if target.type == "page" and mine:
+            found.append(target)
+    return found
 
-    A browser-level call answers even while a page spins in JavaScript, so
-    every open page is also asked to evaluate ``1 + 1``.
-    """
+
+async def probe_browser(browser: Browser, timeout: float) -> str | None:
+    """None if the browser answers a browser-level call in time, else what failed."""
     try:
-        version: Any = await bounded(browser._connection.send("Browser.getVersion"), timeout)
-        if not version:
+        if not await bounded(browser._connection.send("Browser.getVersion"), timeout):
             return "no reply to Browser.getVersion (the connection is closed)"
-        pages = await bounded(browser.pages(), timeout)
-        for page in pages:
-            try:
-                if await bounded(page.evaluate("1 + 1"), timeout) != 2:
-                    return f"page {page.url} gave a wrong answer to 1 + 1"
-            except NetworkError as exc:
-                if not _NAVIGATING.search(str(exc)):
-                    raise  # else the page is between two documents: alive
-
     except TimeoutError:
-        return f"no answer within {timeout:g} s (frozen browser, or a page stuck in JavaScript)"
+        return f"no answer within {timeout:g} s (a frozen browser)"
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is the verdict
         return f"probe failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+async def probe_pages(targets: list[Any], timeout: float) -> str | None:
+    """None if every page evaluates ``1 + 1`` in time, else what failed.
+
+    A browser-level call answers even while a page spins in JavaScript: only
+    a page-level call sees a hung renderer.
+    """
+    for target in targets:
+        try:
+            page = await bounded(target.page(), timeout)
+            if page is None:
+                continue
+            if page._client.crashed:
+                return f"page {page.url} crashed"
+            if await bounded(page.evaluate("1 + 1"), timeout) != 2:
+                return f"page {page.url} gave a wrong answer to 1 + 1"
+        except NetworkError as exc:
+            if not _NAVIGATING.search(str(exc)):
+                return f"probe failed: {exc}"  # else the page is between two documents: alive
+        except TimeoutError:
+            return f"a page gave no answer within {timeout:g} s (stuck in JavaScript?)"
+        except Exception as exc:  # noqa: BLE001 - any failure of the probe is the verdict
+            return f"probe failed: {type(exc).__name__}: {exc}"
     return None

@@ -33,7 +33,7 @@ def idle_expired(sessions: Mapping[str, Usage], now: float, timeout: float) -> l
     return [account for _, account in sorted(expired)]
 
 
-def needs_recycle(usage: Usage, threshold_mb: float | None) -> bool:
-    """A session past the memory threshold is recycled once nobody uses it."""
+def needs_recycle(usage: Usage, threshold_mb: float | None, now: float, quiet: float) -> bool:
+    """A session past the memory threshold is recycled once nobody holds it or used it for ``quiet`` s."""
     over = threshold_mb is not None and usage.memory_mb is not None and usage.memory_mb > threshold_mb
-    return over and not usage.in_use
+    return over and not usage.in_use and now - usage.last_used >= quiet

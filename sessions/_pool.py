@@ -1,63 +1,93 @@
 """SessionPool: the public face of the async core, for plain code and for asyncio code.
 
-    sync caller ── get_session / run / close_* ──▶ ┐
-                                                    ├─ run_coroutine_threadsafe ─▶ Core (pool loop thread)
-    async caller ── get_session_async / session ──▶ ┘   then connects a Browser on its own loop
+    sync caller ── get_session / sync_session / run / close_* ──▶ ┐
+                                                                 ├─ run_coroutine_threadsafe ─▶ Core (pool loop)
+    async caller ── get_session_async / session ──────────────▶ ┘   then a connection on its own loop
 
-A pyppeteer Browser belongs to the loop it was connected on. ``get_session``
-returns the pool loop's connection (drive it with ``pool.run(coro)``);
-``get_session_async`` and ``session()`` return a connection on the caller's
-loop to the same Chromium (a connect costs ~2 ms).
+A pyppeteer object belongs to the loop it was made on. ``get_session``
+returns the pool loop's (drive it with ``pool.run(awaitable)``);
+``sync_session`` returns blocking proxies of it; ``get_session_async`` and
+``session()`` return objects on the caller's loop, on a connection to the
+same Chromium (a connect costs ~2 ms).
+
+The pool belongs to the process that made it: a forked child gets an error,
+not a copy of the parent's browsers. A pool dropped without ``close()``
+closes at garbage collection or at exit, quietly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures.thread  # noqa: F401 - registers its exit hook before the pool's (see below)
+import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook before the pool's (see below)
 import contextlib
+import fcntl
+import functools
+import inspect
 import os
 import shutil
-import tempfile
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._core import HOOKS, Core, Settings
-from ._driver import Browser, connect, find_chromium
-from ._errors import SessionPoolClosedError
+from ._core import HOOKS, ISOLATIONS, Core, Session, Settings
+from ._driver import Browser, BrowserContext, connect, context_of
+from ._errors import CallTimeoutError, ProfileInUseError, SessionPoolClosedError
+from ._process import find_chromium, temporary_root
+from ._sync import Blocking, pyppeteer_timeout
 
-__all__ = ("SessionPool", "get_optimized_session_pool")
+__all__ = ("DevTools", "SessionPool", "get_optimized_session_pool")
 
 T = TypeVar("T")
 _default: SessionPool | None = None
 _default_lock = threading.Lock()
 
 
+@dataclass(frozen=True, slots=True)
+class DevTools:
+    """Where another CDP client (Playwright's ``connect_over_cdp``) reaches an account's session."""
+
+    endpoint: str  # the browser's ws:// DevTools URL (127.0.0.1 only)
+    context_id: str | None  # the account's browser context; None: the browser's default one
+
+
 class SessionPool:
-    """One headless Chromium per account, kept healthy, measured and evicted LRU.
+    """Headless Chromium sessions by account, isolated, kept logged in, healthy, measured.
 
     Args:
-        max_sessions: browsers open at once; the least recently used one not in
-            use is closed to make room.
+        max_sessions: sessions open at once; the least recently used one not in
+            use is closed to make room (else ``get_session`` waits).
         session_idle_timeout: seconds a session may sit unused before it is closed.
-        health_check_interval: seconds between health checks of every session
-            (a browser-level call and a page-level evaluate, each bounded).
-        memory_threshold_mb: a session whose browser tree passes this (USS) is
-            warned about and recycled when next idle, on the same profile.
-        profile_root: where each account's profile lives (cookies and logins
-            survive a recycle and a restart); a temporary folder by default,
-            removed by ``close()``.
+        health_check_interval: seconds between health checks (a browser-level
+            call, and a page-level evaluate per open page, each bounded).
+        memory_threshold_mb: a browser whose tree passes this (USS) is warned
+            about and recycled once its sessions are quiet; logins are kept.
+        isolation: ``"browser"``, a Chromium per account, or ``"context"``, one
+            shared Chromium with an incognito context per account (about a third
+            of the memory). Either way no account sees another's cookies or storage.
+        profile_root: where profiles and saved logins live; a private temporary
+            folder by default, removed by ``close()``. One pool per root.
         executable_path: the Chromium to run (else $SESSIONS_CHROMIUM, else found).
         launch_timeout: seconds Chromium gets to start listening.
-        call_timeout: seconds any CDP call made by the pool may take.
+        call_timeout: seconds any browser call made through the pool may wait
+            for its answer (above pyppeteer's own 30 s waits by default).
         memory_sample_interval: seconds between memory samples of every browser.
+        state_save_interval: seconds between saves of each used session's
+            cookies and local storage (also saved on close and recycle).
+        acquire_timeout: seconds ``get_session`` waits for a free slot when every
+            session is in use, before ``SessionPoolFullError``.
+        max_pages: open pages allowed per session (None: no cap).
+        retire_after_pages / retire_after_requests: a session that opened this
+            many pages, or served this many requests, is replaced (logins kept)
+            at its next request when free.
 
     Raises:
         BrowserNotFoundError: no Chromium (the message says how to install it).
+        ProfileInUseError: another pool uses ``profile_root``.
         ValueError: a setting out of range.
     """
 
@@ -68,67 +98,141 @@ class SessionPool:
         health_check_interval: float = 60,
         memory_threshold_mb: float | None = 500.0,
         *,
+        isolation: str = "browser",
         profile_root: str | Path | None = None,
         executable_path: str | Path | None = None,
         launch_timeout: float = 30.0,
-        call_timeout: float = 10.0,
+        call_timeout: float = 60.0,
         memory_sample_interval: float = 30.0,
+        state_save_interval: float = 5.0,
+        acquire_timeout: float = 30.0,
+        max_pages: int | None = None,
+        retire_after_pages: int | None = None,
+        retire_after_requests: int | None = None,
     ) -> None:
-        if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
-            raise ValueError(f"max_sessions must be an int of at least 1, not {max_sessions!r}")
+        _check_count("max_sessions", max_sessions)
         timing = dict(
             session_idle_timeout=session_idle_timeout, health_check_interval=health_check_interval,
             launch_timeout=launch_timeout, call_timeout=call_timeout,
-            memory_sample_interval=memory_sample_interval,
+            memory_sample_interval=memory_sample_interval, state_save_interval=state_save_interval,
         )  # fmt: skip
         for name, value in timing.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds above zero, not {value!r}")
+        if (
+            isinstance(acquire_timeout, bool)
+            or not isinstance(acquire_timeout, (int, float))
+            or acquire_timeout < 0
+        ):
+            raise ValueError(
+                f"acquire_timeout must be a number of seconds, zero or more, not {acquire_timeout!r}"
+            )
         if memory_threshold_mb is not None and not memory_threshold_mb > 0:
             raise ValueError(f"memory_threshold_mb must be above zero or None, not {memory_threshold_mb!r}")
+        for name, count in (("max_pages", max_pages), ("retire_after_pages", retire_after_pages),
+                            ("retire_after_requests", retire_after_requests)):  # fmt: skip
+            if count is not None:
+                _check_count(name, count)
+        if isolation not in ISOLATIONS:
+            raise ValueError(
+                f"isolation must be one of {', '.join(map(repr, ISOLATIONS))}, not {isolation!r}"
+            )
         executable = find_chromium(executable_path)
-        self._temp_root = profile_root is None
-        root = Path(tempfile.mkdtemp(prefix="sessions-")) if profile_root is None else Path(profile_root)
+        temporary = profile_root is None
+        root = temporary_root("sessions") if profile_root is None else Path(profile_root)
+        root_lock = _lock_root(root)
         settings = Settings(
             max_sessions, float(session_idle_timeout), float(health_check_interval), memory_threshold_mb,
             float(memory_sample_interval), executable, root, float(launch_timeout), float(call_timeout),
+            isolation, float(state_save_interval), float(acquire_timeout), max_pages, retire_after_pages,
+            retire_after_requests,
         )  # fmt: skip
-        self._core = Core(settings)
         self._loop = asyncio.new_event_loop()
+        self._core = Core(settings, self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="sessions-loop", daemon=True)
         self._thread.start()
-        self._closed = False
-        self._upkeep = self._submit(self._core.maintain())
+        self._owner = os.getpid()  # a forked child (a pool worker) inherits this object, not its loop
+        upkeep = asyncio.run_coroutine_threadsafe(self._core.maintain(), self._loop)
         self._connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Browser]] = (
             weakref.WeakKeyDictionary()
         )
         self._connections_lock = threading.Lock()
-        self._owner = os.getpid()  # a forked child (a pool worker) inherits this object, not its loop
-        _register_exit_hook(weakref.ref(self))
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self._loop, self._thread, self._core, upkeep, self._owner,
+            root if temporary else None, root_lock,
+        )  # fmt: skip
+        self._finalizer.atexit = False  # the exit hook below closes it, at the right moment
+        _register_exit_hook(self._finalizer)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._core.sessions)} sessions"
         return f"<SessionPool {state} max_sessions={self._core.settings.max_sessions}>"
 
+    @property
+    def _closed(self) -> bool:
+        return not self._finalizer.alive
+
     # -- plain (synchronous) use ---------------------------------------------------
 
-    def get_session(self, account: str) -> Browser:
-        """The account's browser, created or reused; a pyppeteer Browser on the pool's loop.
+    def get_session(self, account: str) -> Browser | BrowserContext:
+        """The account's browser, created or reused, as a pyppeteer object on the pool's loop.
 
-        Drive it from plain code with ``pool.run(browser.newPage())`` and so on.
+        With isolation "context" it is the account's BrowserContext (``newPage``,
+        ``pages`` and ``close`` as on a Browser). Drive it with ``pool.run(...)``,
+        or use ``sync_session`` for blocking objects.
         """
-        return self._call(self._core.get(_check_account(account))).browser
+        return self._call(self._core.get(_check_account(account))).handle
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine (such as a page action) on the pool's loop and return its result."""
-        return self._call(coro, timeout)
+    @contextlib.contextmanager
+    def sync_session(self, account: str) -> Iterator[Blocking]:
+        """``with pool.sync_session(account) as browser``: blocking proxies, held in use meanwhile.
+
+        Every method of the browser and of what it returns (pages, frames,
+        element handles) blocks until done, bounded by ``call_timeout``.
+        """
+        session = self._call(self._core.get(_check_account(account), hold=True))
+        try:
+            yield Blocking(session.handle, self._blocking)
+        finally:
+            self._release(account)
+
+    def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
+        """Await anything (a coroutine, a future, a pyppeteer WaitTask, ``gather``) on the pool's loop.
+
+        At ``timeout`` the operation is cancelled and ``TimeoutError`` raised.
+        """
+        if not inspect.isawaitable(awaitable):
+            raise TypeError(
+                f"pool.run needs an awaitable (a coroutine, a future), not {type(awaitable).__name__}"
+            )
+        return self._call(_awaited(awaitable), timeout)
+
+    def _blocking(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        async def call() -> Any:
+            value = fn(*args, **kwargs)
+            return await value if inspect.isawaitable(value) else value
+
+        bound = self._core.settings.call_timeout + pyppeteer_timeout(args, kwargs)
+        try:
+            return self._call(call(), bound)
+        except TimeoutError as exc:
+            if isinstance(exc, CallTimeoutError):
+                raise
+            raise CallTimeoutError(
+                f"{getattr(fn, '__qualname__', fn)} did not finish within {bound:g} s"
+            ) from None
+
+    def devtools_endpoint(self, account: str) -> DevTools:
+        """The account's session (opened if needed) as a DevTools URL and context, for another client."""
+        session = self._call(self._core.get(_check_account(account)))
+        return DevTools(session.host.process.endpoint, session.context_id)
 
     def close_session(self, account: str) -> bool:
-        """Close one account's browser (its whole process tree). False if it had none."""
-        return self._call(self._core.close(account))
+        """Close one account's session (its login is saved first). False if it had none."""
+        return self._call(self._core.close(_check_account(account)))
 
     def close_all(self) -> None:
-        """Close every browser; the pool stays usable."""
+        """Close every session; the pool stays usable."""
         self._call(self._core.close_all())
 
     def get_stats(self) -> dict[str, Any]:
@@ -142,30 +246,14 @@ class SessionPool:
             raise ValueError(f"unknown hook event {event!r}; use one of {', '.join(HOOKS)}")
         if not callable(fn):
             raise TypeError(f"a hook must be callable, not {type(fn).__name__}")
+        self._check_process()
         self._loop.call_soon_threadsafe(self._core.hooks[event].append, fn)
 
     def close(self) -> None:
-        """Close every browser and stop the pool. Idempotent."""
-        if self._closed:
-            return
-        self._call(self._shut())
-        self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-        if self._temp_root:
-            shutil.rmtree(self._core.settings.profile_root, ignore_errors=True)
-
-    async def _shut(self) -> None:
-        upkeep = asyncio.wrap_future(self._upkeep)
-        upkeep.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await upkeep
-        await self._core.close_all()
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in rest:  # connections winding down: end them before the loop closes
-            task.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
+        """Close every browser (logins saved) and stop the pool. Idempotent."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SessionPool.close() from its own loop (a hook?) would deadlock")
+        self._finalizer()
 
     def __enter__(self) -> SessionPool:
         return self
@@ -175,19 +263,19 @@ class SessionPool:
 
     # -- asyncio use -----------------------------------------------------------------
 
-    async def get_session_async(self, account: str) -> Browser:
-        """The account's browser as a pyppeteer Browser on the calling loop."""
+    async def get_session_async(self, account: str) -> Browser | BrowserContext:
+        """The account's browser (or context) as a pyppeteer object on the calling loop."""
         session = await self._await(self._core.get(_check_account(account)))
-        return await self._connection(account, session.process.endpoint)
+        return await self._connection(session)
 
     @contextlib.asynccontextmanager
-    async def session(self, account: str) -> AsyncIterator[Browser]:
-        """``async with pool.session(account) as browser``: held in use, so never evicted meanwhile."""
+    async def session(self, account: str) -> AsyncIterator[Browser | BrowserContext]:
+        """``async with pool.session(account) as browser``: held in use, so never closed meanwhile."""
         session = await self._await(self._core.get(_check_account(account), hold=True))
         try:
-            yield await self._connection(account, session.process.endpoint)
+            yield await self._connection(session)
         finally:
-            self._loop.call_soon_threadsafe(self._core.release, account)
+            self._release(account)
 
     async def __aenter__(self) -> SessionPool:
         return self
@@ -195,35 +283,69 @@ class SessionPool:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    async def _connection(self, account: str, endpoint: str) -> Browser:
+    async def _connection(self, session: Session) -> Browser | BrowserContext:
         loop = asyncio.get_running_loop()
         if loop is self._loop:
-            return self._core.sessions[account].browser
+            return session.handle
+        endpoint = session.host.process.endpoint
         with self._connections_lock:
             mine = self._connections.setdefault(loop, {})
-        browser = mine.get(account)
-        if browser is None or browser.wsEndpoint != endpoint or not browser._connection._connected:
-            browser = mine[account] = await connect(endpoint, self._core.settings.call_timeout)
-        return browser
+        browser = mine.get(endpoint)
+        if browser is None or not browser._connection._connected:
+            account = None if session.context_id else session.account
+            on_send = functools.partial(self._core._on_send, account)
+            browser = mine[endpoint] = await connect(endpoint, self._core.settings.call_timeout, on_send)
+        if session.context_id is not None and session.context_id not in browser._contexts:
+            context = browser._contexts[session.context_id] = BrowserContext(browser, session.context_id)
+            for target in browser._targets.values():  # seen before it was known here
+                if target._targetInfo.get("browserContextId") == session.context_id:
+                    target._browserContext = context
+        found = context_of(browser, session.context_id)
+        assert found is not None
+        return found
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+    def _release(self, account: str) -> None:
+        if not self._closed:
+            self._loop.call_soon_threadsafe(self._core.release, account)
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._owner:
+            raise SessionPoolClosedError(
+                f"this SessionPool belongs to process {self._owner}; its browsers are not this process's "
+                f"(a fork copies the object, not its loop thread): make a SessionPool in this process"
+            )
         if self._closed:
-            coro.close()
             raise SessionPoolClosedError("the session pool is closed")
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        try:
+            self._check_process()
+        except BaseException:
+            coro.close()
+            raise
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking SessionPool call from its own loop (a hook?) would deadlock")
-        return self._submit(coro).result(timeout)
+        future = self._submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # the operation stops on the loop: nothing runs on unseen
+            raise
 
     async def _await(self, coro: Coroutine[Any, Any, T]) -> T:
         if asyncio.get_running_loop() is self._loop:
             return await coro
         return await asyncio.wrap_future(self._submit(coro))
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 async def _value(fn: Callable[[], T]) -> T:
@@ -236,23 +358,79 @@ def _check_account(account: object) -> str:
     return account
 
 
-def _close_at_exit(ref: weakref.ref[SessionPool]) -> None:
-    pool = ref()
-    # Not in a forked child: threading's exit hooks run there too (multiprocessing calls
-    # threading._shutdown as a worker ends), and the copy's loop thread does not exist there.
-    if pool is not None and pool._owner == os.getpid():
-        pool.close()
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int of at least 1, not {value!r}")
 
 
-def _register_exit_hook(ref: weakref.ref[SessionPool]) -> None:
+def _lock_root(root: Path) -> int:
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / ".pool.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ProfileInUseError(
+            f"profile_root {root} is in use by another SessionPool; give each pool its own root"
+        ) from None
+    return fd
+
+
+def _shut_down(
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread,
+    core: Core,
+    upkeep: concurrent.futures.Future[None],
+    owner: int,
+    temporary: Path | None,
+    root_lock: int,
+) -> None:
+    """Close every browser and end the loop thread (close(), garbage collection, or exit)."""
+    if os.getpid() != owner:
+        return  # a forked copy: the browsers are the parent's
+    if threading.current_thread() is thread:  # dropped on its own loop: finish there, unseen
+        done = loop.create_task(_wind_down(core, upkeep))
+
+        def finish(_: object) -> None:
+            _release_root(temporary, root_lock)
+            loop.stop()
+
+        done.add_done_callback(finish)
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(_wind_down(core, upkeep), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+    _release_root(temporary, root_lock)
+
+
+def _release_root(temporary: Path | None, root_lock: int) -> None:
+    os.close(root_lock)
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+async def _wind_down(core: Core, upkeep: concurrent.futures.Future[None]) -> None:
+    upkeep.cancel()
+    await core.close_all()
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:  # connections winding down: end them before the loop closes
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+def _register_exit_hook(finalizer: weakref.finalize[Any, Any]) -> None:
     # Closing stops browsers through the loop's default thread pool, and at interpreter exit
     # concurrent.futures refuses new work from its own exit hook on, which runs before atexit
     # functions. Hooks of threading's own exit run in reverse order of registration, and
     # concurrent.futures.thread (imported above) registered first: this one runs before it.
+    # In a forked child (multiprocessing calls threading._shutdown as a worker ends) the
+    # finalizer does nothing: the browsers are the parent's.
     try:
-        threading._register_atexit(_close_at_exit, ref)  # type: ignore[attr-defined]
+        threading._register_atexit(finalizer)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # another Python, or exit has begun: the plain hook
-        atexit.register(_close_at_exit, ref)
+        atexit.register(finalizer)
 
 
 def get_optimized_session_pool(**options: Any) -> SessionPool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sessions._core import profile_name
+from sessions._state import profile_name
 from sessions._policy import Usage, idle_expired, lru_victim, needs_recycle
 
 
@@ -19,12 +19,17 @@ def test_idle_sessions_expire_oldest_first_and_never_while_in_use() -> None:
     assert idle_expired(sessions, now=100.0, timeout=200.0) == []
 
 
-def test_memory_recycles_only_past_the_threshold_and_when_idle() -> None:
-    assert needs_recycle(Usage(0.0, 0, memory_mb=600.0), threshold_mb=500.0)
-    assert not needs_recycle(Usage(0.0, 1, memory_mb=600.0), threshold_mb=500.0)
-    assert not needs_recycle(Usage(0.0, 0, memory_mb=400.0), threshold_mb=500.0)
-    assert not needs_recycle(Usage(0.0, 0, memory_mb=None), threshold_mb=500.0)
-    assert not needs_recycle(Usage(0.0, 0, memory_mb=600.0), threshold_mb=None)
+def test_memory_recycles_only_past_the_threshold_and_when_quiet() -> None:
+    def verdict(usage: Usage, threshold: float | None = 500.0, now: float = 100.0) -> bool:
+        return needs_recycle(usage, threshold, now, quiet=10.0)
+
+    assert verdict(Usage(0.0, 0, memory_mb=600.0))
+    assert not verdict(Usage(0.0, 1, memory_mb=600.0))  # held
+    assert not verdict(Usage(95.0, 0, memory_mb=600.0))  # used 5 s ago: a sync user reading a page
+    assert verdict(Usage(90.0, 0, memory_mb=600.0))
+    assert not verdict(Usage(0.0, 0, memory_mb=400.0))
+    assert not verdict(Usage(0.0, 0, memory_mb=None))
+    assert not verdict(Usage(0.0, 0, memory_mb=600.0), threshold=None)
 
 
 def test_profile_names_are_safe_and_distinct() -> None:
