@@ -83,6 +83,7 @@ class Session:
     closing: bool = False
     pages_open: int = 0
     pages_opened: int = 0  # pages users opened in this session's life (retire_after_pages)
+    origins: set[str] = field(default_factory=set)  # http origins its pages visited: storage to save
 
     def usage(self) -> policy.Usage:
         mb = self.host.memory.uss_mb if self.host.memory else None
@@ -248,19 +249,25 @@ class Core:
         host.browser.on("disconnected", lambda: self._host_lost(host))
         host.browser.on("targetcreated", lambda target: self._count_page(host, target, 1))
         host.browser.on("targetdestroyed", lambda target: self._count_page(host, target, -1))
+        host.browser.on("targetchanged", lambda target: self._count_page(host, target, 0))
 
     def _count_page(self, host: Host, target: Any, delta: int) -> None:
         if target.type != "page":
             return
-        owner = target._targetInfo.get("browserContextId")
-        account = (
-            self._by_context.get(owner)
-            if self.settings.isolation == "context"
-            else next(iter(host.accounts), None)
-        )
-        session = self.sessions.get(account) if account else None
-        if session is not None and session.host is host:
+        session = self._session_of(host, target._targetInfo.get("browserContextId"))
+        if session is not None:
             session.pages_open = max(0, session.pages_open + delta)
+            origin = state.origin_of(target.url)
+            if origin is not None:
+                session.origins.add(origin)
+
+    def _session_of(self, host: Host, context_id: str | None) -> Session | None:
+        if self.settings.isolation == "context":
+            account = self._by_context.get(context_id or "")
+        else:
+            account = next(iter(host.accounts), None)
+        session = self.sessions.get(account) if account else None
+        return session if session is not None and session.host is host else None
 
     # -- failures ------------------------------------------------------------------
 
@@ -330,7 +337,7 @@ class Core:
     async def _finish_close(self, session: Session) -> None:
         host = session.host
         if session.healthy and host.alive():
-            await self._save(session)
+            await self._save(session, final=True)
         host.accounts.discard(session.account)
         if session.context_id is None:
             await host.close()
@@ -398,11 +405,12 @@ class Core:
             if session.last_used > session.saved_at and session.healthy and not session.closing:
                 await self._save(session)
 
-    async def _save(self, session: Session) -> None:
+    async def _save(self, session: Session, final: bool = False) -> None:
         path = state.state_path(self.settings.profile_root, session.account)
         started = time.monotonic()
+        visited = session.origins if final and session.context_id is not None else ()
         try:
-            await state.save(session.host.upkeep, session.context_id, path, _SAVE_TIMEOUT)
+            await state.save(session.host.upkeep, session.context_id, path, _SAVE_TIMEOUT, visited)
             session.saved_at = started
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.debug("session %r: state not saved: %r", session.account, exc)

@@ -1,7 +1,7 @@
 """SessionPool: the public face of the async core, for plain code and for asyncio code.
 
     sync caller ── get_session / sync_session / run / close_* ──▶ ┐
-                                                                 ├─ run_coroutine_threadsafe ─▶ Core (pool loop)
+                                                                ├─ run_coroutine_threadsafe ─▶ Core (its loop)
     async caller ── get_session_async / session ──────────────▶ ┘   then a connection on its own loop
 
 A pyppeteer object belongs to the loop it was made on. ``get_session``

@@ -16,25 +16,31 @@ scratch page visits each origin with every request answered by an empty page
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from ._driver import Browser, BrowserContext, bounded
+from ._driver import Browser, BrowserContext, bounded, context_of, pages_of
 
-__all__ = ("load", "profile_name", "restore", "save", "state_path")
+__all__ = ("load", "origin_of", "profile_name", "restore", "save", "state_path")
 
 log = logging.getLogger("sessions")
 _COOKIE_FIELDS = ("name", "value", "domain", "path", "secure", "httpOnly", "sameSite", "priority")
 _READ_STORAGE = "() => [location.origin, Object.entries(localStorage)]"
 _WRITE_STORAGE = "(items) => { for (const [k, v] of items) localStorage.setItem(k, v); }"
-_EMPTY = {"status": 200, "contentType": "text/html", "body": "<html></html>"}
+_EMPTY = {  # Fetch.fulfillRequest's answer to every request of a scratch page
+    "responseCode": 200,
+    "responseHeaders": [{"name": "Content-Type", "value": "text/html"}],
+    "body": base64.b64encode(b"<html></html>").decode(),
+}
 
 
 def profile_name(account: str) -> str:
@@ -58,23 +64,43 @@ def load(path: Path) -> dict[str, Any]:
     return {"cookies": [], "origins": {}}
 
 
-async def save(browser: Browser, context_id: str | None, path: Path, timeout: float) -> None:
-    """Write the context's cookies and its open pages' local storage to ``path``."""
+async def save(
+    browser: Browser, context_id: str | None, path: Path, timeout: float, visited: Iterable[str] = ()
+) -> None:
+    """Write the context's cookies and local storage to ``path``.
+
+    Local storage is read from the open pages, and from the ``visited``
+    origins that have none open (a scratch page, so only when closing).
+    """
     params = {"browserContextId": context_id} if context_id else {}
     reply = await bounded(browser._connection.send("Storage.getCookies", params), timeout)
     state = load(path)
     state["cookies"] = reply.get("cookies", [])
-    for target in browser.targets():
-        owner = target._targetInfo.get("browserContextId")
-        mine = owner == context_id if context_id else owner not in browser._contexts
-        if target.type != "page" or not mine:
-            continue
+    read = set()
+    for target in pages_of(browser, context_id):
         with contextlib.suppress(Exception):  # a page navigating or closing: the next save has it
             page = await bounded(target.page(), timeout)
             origin, items = await bounded(page.evaluate(_READ_STORAGE), timeout)
             if origin.startswith("http"):
                 state["origins"][origin] = dict(items)
+                read.add(origin)
+    unread = {o for o in visited if o.startswith("http")} - read
+    if unread:
+        context = context_of(browser, context_id)
+        assert context is not None
+        async with _scratch_page(context, timeout) as page:
+            for origin in sorted(unread):
+                with contextlib.suppress(Exception):
+                    await bounded(page.goto(origin + "/"), timeout)
+                    _, items = await bounded(page.evaluate(_READ_STORAGE), timeout)
+                    state["origins"][origin] = dict(items)
     _write(path, state)
+
+
+def origin_of(url: str) -> str | None:
+    """The origin of an http(s) URL, else None."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
 
 
 def _write(path: Path, state: dict[str, Any]) -> None:
@@ -105,19 +131,32 @@ async def restore(browser: Browser, context: Browser | BrowserContext, path: Pat
 async def _restore_storage(
     context: Browser | BrowserContext, origins: dict[str, Any], timeout: float
 ) -> None:
-    page = await bounded(context.newPage(), timeout)
-    try:
-        await bounded(page.setRequestInterception(True), timeout)
-        page.on("request", lambda request: asyncio.ensure_future(request.respond(_EMPTY)))
+    async with _scratch_page(context, timeout) as page:
         for origin, items in origins.items():
             try:
                 await bounded(page.goto(origin + "/"), timeout)
                 await bounded(page.evaluate(_WRITE_STORAGE, list(items.items())), timeout)
             except Exception as exc:  # noqa: BLE001 - one origin's storage is not worth the session
                 log.warning("could not restore the local storage of %s: %s", origin, exc)
+
+
+@contextlib.asynccontextmanager
+async def _scratch_page(context: Browser | BrowserContext, timeout: float) -> AsyncIterator[Any]:
+    """A page of ``context`` whose every request is answered with an empty page, off the network."""
+    page = await bounded(context.newPage(), timeout)
+    client = page._client
+    try:
+        client.on("Fetch.requestPaused", lambda event: _answer(client, event["requestId"]))
+        await bounded(client.send("Fetch.enable", {"patterns": [{"urlPattern": "*"}]}), timeout)
+        yield page
     finally:
         with contextlib.suppress(Exception):
             await bounded(page.close(), timeout)
+
+
+def _answer(client: Any, request_id: str) -> None:
+    reply = client.send("Fetch.fulfillRequest", {"requestId": request_id, **_EMPTY})
+    reply.add_done_callback(lambda f: f.cancelled() or f.exception())  # a page closing meanwhile: fine
 
 
 def _cookie_param(cookie: dict[str, Any]) -> dict[str, Any]:
