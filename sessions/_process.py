@@ -10,7 +10,9 @@
   parent-death signal, set by ``setpriv``), so a SIGKILLed owner leaves no
   Chromium behind; its renderers follow their browser process.
 - Chromium's log and its temporary files (``TMPDIR``: the ``org.chromium.*``
-  folders) stay inside the profile, so nothing of a browser is left in /tmp.
+  folders) stay inside the profile, so nothing of a browser is left in /tmp
+  (a profile too deep for Chromium's socket path gets a short private
+  ``sessions-tmp-<pid>-*`` folder instead, removed with the browser).
 - Temporary roots carry their owner's pid; the next pool removes those whose
   owner is gone (a SIGKILLed owner cannot clean up after itself).
 """
@@ -48,6 +50,7 @@ _POLL = 0.005  # seconds between looks at the log while Chromium starts
 _KILL_WAIT = 5.0  # seconds for a SIGKILLed browser to be reaped
 _LOG = "chromium.log"
 _TMP = "tmp"
+_SHORT_TMP = 50  # longest TMPDIR kept in the profile: Chromium's socket path in it must fit 108 bytes
 
 
 def find_chromium(executable: str | os.PathLike[str] | None = None) -> str:
@@ -90,6 +93,7 @@ class BrowserProcess:
     executable: str
     profile: Path
     popen: subprocess.Popen[bytes]
+    tmp: Path
     endpoint: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -104,15 +108,19 @@ class BrowserProcess:
     @classmethod
     def start(cls, executable: str, profile: Path) -> BrowserProcess:
         """Start Chromium on ``profile``; call ``ready`` until it returns the endpoint."""
-        (profile / _TMP).mkdir(parents=True, exist_ok=True, mode=0o700)
+        profile.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(profile, 0o700)
+        tmp = profile / _TMP
+        if len(str(tmp)) > _SHORT_TMP:  # a deep profile: a short private folder, swept like the roots
+            tmp = temporary_root("sessions-tmp")
+        tmp.mkdir(exist_ok=True, mode=0o700)
         flags = [*_FLAGS, f"--user-data-dir={profile}", "about:blank"]
         if os.geteuid() == 0:
             flags.insert(0, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
         argv = [executable, *flags]
         if shutil.which("setpriv"):
             argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
-        env = {**os.environ, "TMPDIR": str(profile / _TMP)}
+        env = {**os.environ, "TMPDIR": str(tmp)}
         fd = os.open(profile / _LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             popen = subprocess.Popen(
@@ -121,7 +129,7 @@ class BrowserProcess:
             )  # fmt: skip
         finally:
             os.close(fd)
-        return cls(executable, profile, popen)
+        return cls(executable, profile, popen, tmp)
 
     def ready(self) -> str | None:
         """The endpoint once Chromium is listening; None while it starts.
@@ -191,7 +199,7 @@ class BrowserProcess:
                 proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(_KILL_WAIT)
-        shutil.rmtree(self.profile / _TMP, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.log_path.unlink()
 

@@ -25,6 +25,8 @@ from sessions import (
     SessionPoolFullError,
     get_optimized_session_pool,
 )
+import sessions._core
+from sessions._state import profile_name
 from stress.pages import PageServer
 
 pytestmark = pytest.mark.browser
@@ -107,10 +109,16 @@ def test_a_login_survives_a_recycle_and_a_restart(
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in profiles)
 
 
-def test_two_browsers_never_share_a_profile(make_pool: Callable[..., SessionPool], tmp_path: Path) -> None:
+def test_two_pools_never_share_a_root_and_two_browsers_never_a_profile(
+    make_pool: Callable[..., SessionPool], tmp_path: Path
+) -> None:
     make_pool(profile_root=tmp_path).get_session("alice")
+    with pytest.raises(ProfileInUseError, match="another SessionPool"):  # at creation, not per task
+        make_pool(profile_root=tmp_path)
+    other = make_pool(profile_root=tmp_path / "other")
+    (tmp_path / "other" / profile_name("alice")).symlink_to(tmp_path / profile_name("alice"))
     with pytest.raises(ProfileInUseError, match="in use by another browser"):
-        make_pool(profile_root=tmp_path).get_session("alice")
+        other.get_session("alice")
 
 
 def test_asyncio_use_on_the_caller_s_own_loop(
@@ -186,8 +194,9 @@ def test_idle_sessions_are_closed(make_pool: Callable[..., SessionPool]) -> None
 
 
 def test_memory_is_measured_and_a_large_browser_is_recycled_when_idle(
-    make_pool: Callable[..., SessionPool], caplog: pytest.LogCaptureFixture
+    make_pool: Callable[..., SessionPool], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sessions._core, "_QUIET", 1.0)  # seconds unused before a recycle (10 by default)
     pool = make_pool(memory_sample_interval=0.2, memory_threshold_mb=None)
     pool.get_session("a")
     assert wait_until(lambda: pool.get_stats()["sessions"]["a"]["memory_mb"] is not None, 10)
@@ -203,7 +212,7 @@ def test_memory_is_measured_and_a_large_browser_is_recycled_when_idle(
     with caplog.at_level(logging.INFO, logger="sessions"):
         small.get_session("a")
         assert wait_until(lambda: ("closed", "a") in events.seen, 10)
-    assert "over memory_threshold_mb=1" in caplog.text and "recycling session 'a'" in caplog.text
+    assert "over memory_threshold_mb=1" in caplog.text and "for its memory" in caplog.text
 
 
 def test_a_missing_or_broken_chromium_is_explained(
