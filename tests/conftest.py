@@ -118,6 +118,23 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture
+def make_pool() -> Iterator[Callable[..., Any]]:
+    """Makes SessionPools (``SessionPool(**options)``), every one closed at teardown."""
+    from sessions import SessionPool  # here, so tests that need no browser import no pyppeteer
+
+    made: list[SessionPool] = []
+
+    def make(**options: Any) -> SessionPool:
+        pool = SessionPool(**options)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
 @pytest.fixture(scope="module")
 def site() -> Iterator[PageServer]:
     """Test pages on 127.0.0.1 (see pages.py), one server per test module."""

@@ -8,7 +8,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
+import sessions._core
 from sessions import (
     BrowserLaunchError,
     BrowserNotFoundError,
@@ -25,25 +26,10 @@ from sessions import (
     SessionPoolFullError,
     get_optimized_session_pool,
 )
-import sessions._core
 from sessions._state import profile_name
 from stress.pages import PageServer
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-def make_pool() -> Iterator[Callable[..., SessionPool]]:
-    made: list[SessionPool] = []
-
-    def make(**options: Any) -> SessionPool:
-        pool = SessionPool(**options)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
 
 
 class Events:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sessions._state import profile_name
 from sessions._policy import Usage, idle_expired, lru_victim, needs_recycle
+from sessions._state import profile_name
 
 
 def test_the_least_recently_used_free_session_is_the_victim() -> None:
