@@ -285,16 +285,15 @@ class Core:
             session = self.sessions.get(account)
             if session is not None and session.host is host:
                 await self._fail(session, error)
+        await host.close()  # a launch meanwhile waits for this in _shared_host: the profile is locked
         if self._shared is host:
             self._shared = None
-        if not host.closing:
-            await host.close()
 
     async def _fail(self, session: Session, error: BaseException) -> None:
         """A session that failed: count it, tell the hooks, close it (recreated on next use)."""
         if session.closing:
             return
-        log.warning("session %r: %s; closing it (it is recreated on next use)", session.account, error)
+        log.info("session %r: %s; closing it (recreated on next use; hook session_error)", session.account, error)
         session.healthy = False
         session.errors += 1
         self._count_failure(session.account)
@@ -466,8 +465,8 @@ class Core:
                 for session in users:
                     await self.close(session.account, session)
                 if self._shared is host:
-                    self._shared = None
                     await host.close()
+                    self._shared = None
 
     # -- hooks and stats -----------------------------------------------------------
 

@@ -357,8 +357,12 @@ async def probe_pages(targets: list[Any], timeout: float) -> str | None:
             page = await bounded(target.page(), timeout)
             if page is None:
                 continue
-            if page._client.crashed:
-                return f"page {page.url} crashed"
+            if page._client.crashed:  # its calls fail already; closing it frees the tab
+                closing = target.browserContext.browser._connection.send(
+                    "Target.closeTarget", {"targetId": target._targetId}
+                )
+                await bounded(closing, timeout)
+                continue
             if await bounded(page.evaluate("1 + 1"), timeout) != 2:
                 return f"page {page.url} gave a wrong answer to 1 + 1"
         except NetworkError as exc:

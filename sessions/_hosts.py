@@ -40,6 +40,7 @@ class Host:
     closing: bool = False
     memory: TreeMemory | None = None
     accounts: set[str] = field(default_factory=set)  # the sessions it serves
+    _closed: asyncio.Task[None] | None = None
 
     @classmethod
     async def launch(
@@ -73,8 +74,16 @@ class Host:
         return measure(self.process.tree())
 
     async def close(self) -> None:
-        """Let a live browser save its profile and exit, then kill what is left and unlock."""
+        """Let a live browser save its profile and exit, then kill what is left and unlock.
+
+        Idempotent: a second caller waits for the first one's close to end.
+        """
         self.closing = True
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closed)
+
+    async def _close(self) -> None:
         grace = 0.0
         if self.alive():
             with contextlib.suppress(Exception):

@@ -196,16 +196,34 @@ class SessionPool:
         finally:
             self._release(account)
 
-    def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
-        """Await anything (a coroutine, a future, a pyppeteer WaitTask, ``gather``) on the pool's loop.
+    def run(self, awaitable: Awaitable[T] | Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        """Await a coroutine, a future, a WaitTask, on the pool's loop, and return its result.
 
-        At ``timeout`` the operation is cancelled and ``TimeoutError`` raised.
+        pyppeteer methods that start work as they are called (``waitForSelector``,
+        ``waitForNavigation``) must be called on the pool's loop: pass a function,
+        ``pool.run(lambda: page.waitForSelector("#x"))``. At ``timeout`` the
+        operation is cancelled and ``TimeoutError`` raised.
         """
+        if callable(awaitable) and not inspect.isawaitable(awaitable):
+            return self._call(_called(awaitable), timeout)
         if not inspect.isawaitable(awaitable):
+            raise TypeError(f"pool.run needs an awaitable or a function, not {type(awaitable).__name__}")
+        if isinstance(awaitable, asyncio.Future) and awaitable.get_loop() is not self._loop:
             raise TypeError(
-                f"pool.run needs an awaitable (a coroutine, a future), not {type(awaitable).__name__}"
+                "this future belongs to another event loop (asyncio.gather called outside the pool's "
+                "loop makes one there): use pool.gather(*awaitables)"
             )
         return self._call(_awaited(awaitable), timeout)
+
+    def gather(self, *awaitables: Awaitable[Any], timeout: float | None = None) -> list[Any]:
+        """Await several coroutines together on the pool's loop; their results in order.
+
+        At ``timeout`` every one still running is cancelled and ``TimeoutError`` raised.
+        """
+        for each in awaitables:
+            if not inspect.isawaitable(each):
+                raise TypeError(f"pool.gather needs awaitables, not {type(each).__name__}")
+        return self._call(_gathered(awaitables), timeout)
 
     def _blocking(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         async def call() -> Any:
@@ -346,6 +364,17 @@ class SessionPool:
 
 async def _awaited(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+async def _called(fn: Callable[[], Awaitable[T]]) -> T:
+    value = fn()
+    if not inspect.isawaitable(value):
+        raise TypeError(f"the function given to pool.run returned {type(value).__name__}, not an awaitable")
+    return await value
+
+
+async def _gathered(awaitables: tuple[Awaitable[Any], ...]) -> list[Any]:
+    return list(await asyncio.gather(*awaitables))
 
 
 async def _value(fn: Callable[[], T]) -> T:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,8 @@ def test_faults_print_no_traceback(site: PageServer) -> None:
                 page = browser.newPage()
                 page.goto("{site.url}/")
                 page._obj._client.send("Page.crash")
-                time.sleep(0.5)
+                time.sleep(1)
+            pool.get_session("a")
             os.kill(pool.get_stats()["sessions"]["a"]["pid"], signal.SIGKILL)
             time.sleep(1)
             browser = pool.get_session("a")
@@ -229,7 +231,7 @@ def test_blocking_proxies_take_whatever_pyppeteer_returns(
         page = browser.newPage()
         page.goto(site.url + "/table")
         cell = page.waitForSelector("td", timeout=5000)  # a WaitTask, awaited on the pool loop
-        assert cell.evaluate("(node) => node.textContent") == "0"
+        assert cell.getProperty("textContent").jsonValue() == "0"
         assert page.evaluate("(node) => node.tagName", cell) == "TD"  # a proxy passed back in
         rows = page.querySelectorAll("tr")
         assert len(rows) == 20 and all(type(r).__name__ == "Blocking" for r in rows)
@@ -237,9 +239,11 @@ def test_blocking_proxies_take_whatever_pyppeteer_returns(
         page.keyboard.press("Tab")
         raw = pool.get_session("a")
         pages = pool.run(raw.pages())
-        assert pool.run(pages[-1].waitForSelector("table")) is not None  # run takes a WaitTask
-        titles = pool.run(asyncio.gather(*(p.title() for p in pages)))
-        assert "table" in titles
+        assert pool.run(lambda: pages[-1].waitForSelector("table")) is not None  # a WaitTask, made on the loop
+        assert "table" in pool.gather(*(p.title() for p in pages))
+        with pytest.raises(TypeError, match="pool.gather"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # gather outside a loop, as users write it
+            pool.run(asyncio.gather(pages[-1].title()))
     with pytest.raises(TypeError, match="awaitable"):
         pool.run(42)  # type: ignore[arg-type]
 
@@ -316,10 +320,14 @@ def test_page_cap_and_retirement(make_pool: MakePool, site: PageServer) -> None:
 def test_get_session_right_after_a_death_returns_a_working_browser(
     make_pool: MakePool, site: PageServer
 ) -> None:
-    pool = make_pool()
-    for _ in range(4):
+    pool = make_pool(health_check_interval=0.5, call_timeout=2)
+    noticed = threading.Event()
+    pool.register_hook("session_error", lambda account, error: noticed.set())
+    for stop in (signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL):
+        noticed.clear()
         pool.get_session("a")
-        os.kill(pid_of(pool, "a"), signal.SIGKILL)
+        os.kill(pid_of(pool, "a"), stop)
+        assert noticed.wait(15)  # the death is seen; its close may still run
         assert console(pool, "a", site)[0] == "Please log in"
 
 
