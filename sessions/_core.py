@@ -293,7 +293,9 @@ class Core:
         """A session that failed: count it, tell the hooks, close it (recreated on next use)."""
         if session.closing:
             return
-        log.info("session %r: %s; closing it (recreated on next use; hook session_error)", session.account, error)
+        log.info(
+            "session %r: %s; closing it (recreated on next use; hook session_error)", session.account, error
+        )
         session.healthy = False
         session.errors += 1
         self._count_failure(session.account)

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,22 +80,33 @@ class PinnedBrowsers:
         browser = _connected[1]
         info = _info()
         owners = _owners(info)
-        for context_id in list(browser._contexts):
+        send = browser._connection.send  # asked of Chromium, not of pyppeteer's bookkeeping (it lags)
+        contexts = await bounded(send("Target.getBrowserContexts"), _TIDY_TIMEOUT)
+        for context_id in contexts.get("browserContextIds", []):
             account = owners.pop(context_id, None)
             if account is not None:
                 with contextlib.suppress(Exception):
-                    await state.save(
-                        browser, context_id, state.state_path(Path(info["root"]), account), _TIDY_TIMEOUT
-                    )
+                    path = state.state_path(Path(info["root"]), account)
+                    await state.save(browser, context_id, path, _TIDY_TIMEOUT)
             with contextlib.suppress(Exception):
-                await bounded(browser._disposeContext(context_id), _TIDY_TIMEOUT)
+                closing = send("Target.disposeBrowserContext", {"browserContextId": context_id})
+                await bounded(closing, _TIDY_TIMEOUT)
+            browser._contexts.pop(context_id, None)
         _contexts.clear()
         _write_owners(info, owners)
-        for target in list(browser.targets()):
-            if target.type == "page":
-                with contextlib.suppress(Exception):
-                    call = browser._connection.send("Target.closeTarget", {"targetId": target._targetId})
-                    await bounded(call, _TIDY_TIMEOUT)
+        closing = await _pages(browser)
+        for target_id in closing:
+            with contextlib.suppress(Exception):
+                await bounded(send("Target.closeTarget", {"targetId": target_id}), _TIDY_TIMEOUT)
+        deadline = time.monotonic() + _TIDY_TIMEOUT  # a tab stuck in JavaScript takes a moment to go
+        while closing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            closing &= await _pages(browser)
+
+
+async def _pages(browser: Browser) -> set[str]:
+    reply = await bounded(browser._connection.send("Target.getTargets"), _TIDY_TIMEOUT)
+    return {t["targetId"] for t in reply.get("targetInfos", []) if t.get("type") == "page"}
 
 
 def _manager_root() -> Path:

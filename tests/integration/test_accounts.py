@@ -239,9 +239,11 @@ def test_blocking_proxies_take_whatever_pyppeteer_returns(
         page.keyboard.press("Tab")
         raw = pool.get_session("a")
         pages = pool.run(raw.pages())
-        assert pool.run(lambda: pages[-1].waitForSelector("table")) is not None  # a WaitTask, made on the loop
+        assert (
+            pool.run(lambda: pages[-1].waitForSelector("table")) is not None
+        )  # a WaitTask, made on the loop
         assert "table" in pool.gather(*(p.title() for p in pages))
-        with pytest.raises(TypeError, match="pool.gather"), warnings.catch_warnings():
+        with pytest.raises(TypeError, match=r"pool\.gather"), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # gather outside a loop, as users write it
             pool.run(asyncio.gather(pages[-1].title()))
     with pytest.raises(TypeError, match="awaitable"):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,65 @@ def _running(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+async def as_account(account: str, url: str, hang: bool = False) -> str:
+    """Open ``url`` in the account's own context on this worker; the page's text."""
+    context = await sessions.current_context(account)
+    page = await context.newPage()
+    await page.goto(url)
+    text: str = await page.evaluate("() => document.body.innerText")
+    if hang:
+        await asyncio.sleep(1.5)  # the login is saved meanwhile; then the deadline kills the task
+        await asyncio.sleep(3600)
+    return text
+
+
+async def open_pages(count: int, spin_url: str | None = None) -> int:
+    """Open ``count`` pages (one spinning, if given) and leave them; the pages this browser had before."""
+    browser = await sessions.current_browser()
+    targets = await browser._connection.send("Target.getTargets")  # Chromium's own count
+    before = len([t for t in targets["targetInfos"] if t["type"] == "page"])
+    for _ in range(count):
+        await browser.newPage()
+    if spin_url:
+        page = await browser.newPage()
+        await page.goto(spin_url, waitUntil="domcontentloaded")
+        await asyncio.sleep(3600)
+    return before
+
+
+def test_accounts_on_one_worker_never_share_a_login(
+    make_executor: Callable[..., DistributedExecutor], site: PageServer
+) -> None:
+    executor = pinned(make_executor, max_local_workers=1)
+    run = lambda *args: executor.get_task_result(executor.submit_task(as_account, args=args), timeout=60)  # noqa: E731
+    assert run("acct-0", f"{site.url}/login?account=acct-0&kind=session") == "logged in"
+    assert run("acct-1", f"{site.url}/console") == "Please log in"  # same worker, same browser
+    assert run("acct-0", f"{site.url}/console") == "Console acct-0"  # its session cookie came back
+    hung = executor.submit_task(
+        as_account, args=("acct-2", f"{site.url}/login?account=acct-2"), kwargs={"hang": True}, timeout=3
+    )
+    with pytest.raises(TaskTimeoutError):
+        executor.get_task_result(hung, timeout=30)
+    assert run("acct-2", f"{site.url}/console") == "Console acct-2"  # a killed task's login is kept too
+    assert run("acct-1", f"{site.url}/console") == "Please log in"
+
+
+def test_pages_a_task_opened_close_when_it_ends_or_is_killed(
+    make_executor: Callable[..., DistributedExecutor], site: PageServer
+) -> None:
+    executor = pinned(make_executor, max_local_workers=1)
+    executor.get_task_result(executor.submit_task(open_pages, args=(3,)), timeout=60)
+    assert executor.get_task_result(executor.submit_task(open_pages, args=(0,)), timeout=60) == 0
+    spinning = executor.submit_task(open_pages, args=(1, f"{site.url}/spin"), timeout=3)
+    with pytest.raises(TaskTimeoutError):
+        executor.get_task_result(spinning, timeout=30)
+    assert executor.get_task_result(executor.submit_task(open_pages, args=(0,)), timeout=60) == 0
+    browser = psutil.Process(executor.get_stats()["workers"]["local-worker-0"]["browser"]["pid"])
+    tree = [browser, *browser.children(recursive=True)]
+    for proc in tree:
+        proc.cpu_percent()
+    time.sleep(1.0)
+    busy = sum(p.cpu_percent() for p in tree if p.is_running())
+    assert busy < 50, f"the killed task's spinning tab still runs: {busy:.0f}% CPU"
