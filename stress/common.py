@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 import timeit
 from collections.abc import Callable, Sequence
@@ -34,6 +36,38 @@ def percentile(values: Sequence[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
+
+
+class StderrWatch:
+    """Counts tracebacks written to stderr by this process and every child it starts (fd 2).
+
+    Output still reaches the terminal: fd 2 goes through a pipe this reads and tees.
+    """
+
+    MARKS = (b"Traceback (most recent call last)", b"exception was never retrieved")
+
+    def __init__(self) -> None:
+        self.tracebacks = 0
+        sys.stderr.flush()
+        self._terminal = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._thread = threading.Thread(target=self._pump, args=(read,), name="stderr-watch", daemon=True)
+        self._thread.start()
+
+    def _pump(self, read: int) -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                self.tracebacks += any(mark in line for mark in self.MARKS)
+                os.write(self._terminal, line)
+
+    def close(self) -> int:
+        """Put stderr back; the tracebacks counted."""
+        sys.stderr.flush()
+        os.dup2(self._terminal, 2)  # the pipe ends once the children holding it have ended too
+        self._thread.join(5.0)
+        return self.tracebacks
 
 
 # Helpers that peers start once per interpreter and keep on purpose.

@@ -2,7 +2,7 @@
 
     pages (127.0.0.1) ◀── each worker's pinned browser ── multi-account fan-out, HIGH batches
     submitter (this thread) ── submit_task / submit_batch ──▶ DistributedExecutor (companion: browsers)
-                            ── get_session ──▶ SessionPool (one browser per account, in this process)
+                            ── sync_session ──▶ SessionPool (an incognito context per account, here)
     chaos (this thread) ── SIGKILL ──▶ a random worker every few seconds, a browser now and then
     callbacks ── count terminal events per task ──▶ the checks at the end
     timeline ── get_stats() twice a second ──▶ summary, JSON report and PNG plot
@@ -36,7 +36,17 @@ from procpool import (
 )
 
 from . import tasks
-from .common import OUT, add_run_arguments, is_tty, leftovers, percentile, say, table, write_report
+from .common import (
+    OUT,
+    StderrWatch,
+    add_run_arguments,
+    is_tty,
+    leftovers,
+    percentile,
+    say,
+    table,
+    write_report,
+)
 from .pages import PageServer
 from .plot import plot_timeline
 
@@ -111,8 +121,9 @@ class Run:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     state = Run(args, random.Random(args.seed))
+    watch = StderrWatch()
     site, options = browsers_for(args)
-    pool = None if site is None else sessions.SessionPool(max_sessions=2)
+    pool = None if site is None else sessions.SessionPool(max_sessions=2, isolation="context")
     started = time.monotonic()
     try:
         with DistributedExecutor(
@@ -153,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     problems = check(state.kinds, records, state.terminal, stats)
     problems += [f"left behind: {item}" for item in leftovers()]
+    tracebacks = watch.close()
+    if tracebacks:
+        problems.append(f"{tracebacks} tracebacks were printed to stderr")
     report = summarise(state, records, stats, elapsed, pool_stats)
+    report["tracebacks on stderr"] = tracebacks
+    say(f"tracebacks on stderr: {tracebacks}")
     report["problems"] = problems
     image = plot_timeline(state.timeline, OUT / "demo.png", f"python -m stress: {len(state.kinds)} tasks")
     say(f"\nreport: {write_report('demo', report)}" + (f", plot: {image}" if image else ""))
@@ -216,19 +232,15 @@ def fanout(ex: DistributedExecutor, state: Run) -> None:
 
 
 def use_sessions(pool: sessions.SessionPool, state: Run, stop: threading.Event) -> None:
-    """The in-process session pool, on its own thread: a browser per account, reused, evicted LRU."""
+    """The in-process session pool, on its own thread, from plain code: contexts reused, evicted LRU."""
     rng = random.Random(state.args.seed)
-
-    async def visit(browser: Any) -> None:
-        page = await browser.newPage()
-        try:
-            await page.goto(f"{state.site}/whoami")
-        finally:
-            await page.close()
-
     while not stop.wait(SESSION_EVERY):
-        browser = pool.get_session(f"account-{rng.randrange(3)}")
-        pool.run(visit(browser), timeout=30)
+        with pool.sync_session(f"account-{rng.randrange(3)}") as browser:
+            page = browser.newPage()
+            try:
+                page.goto(f"{state.site}/whoami")
+            finally:
+                page.close()
 
 
 def sample(ex: DistributedExecutor, state: Run, begin: float, stats: dict[str, Any] | None = None) -> None:
@@ -331,6 +343,8 @@ def check(
             problems.append(f"{task_id} ({kind}) returned a wrong result")
         if kind == "browse" and record.status is TaskStatus.COMPLETED and record.result != tasks.TABLE_ROWS:
             problems.append(f"{task_id} saw {record.result!r} table rows, not {tasks.TABLE_ROWS}")
+        if kind == "browse" and "not isolated" in str(record.error):
+            problems.append(f"{task_id}: {record.error}")
     unbalanced = stats_problem(stats, len(kinds))
     return problems + ([unbalanced] if unbalanced else [])
 

@@ -57,17 +57,22 @@ TABLE_ROWS = 20  # rows of the /table page in stress.pages
 
 
 async def browse(base: str, account: str) -> int:
-    """Log in as ``account`` with this worker's browser, then count the rows of the table page."""
+    """As ``account``, in its own context of this worker's browser: log in if its saved login did not
+    come back, check the console shows this account and no other, count the rows of the table page."""
     import sessions  # here, so that scenarios without browsers never import pyppeteer
 
-    browser = await sessions.current_browser()
-    page = await browser.newPage()
-    try:
-        await page.goto(f"{base}/login?account={account}")
-        await page.goto(f"{base}/table")
-        return await page.evaluate("() => document.querySelectorAll('tr').length")  # type: ignore[no-any-return]
-    finally:
-        await page.close()
+    context = await sessions.current_context(account)
+    page = await context.newPage()
+    await page.goto(f"{base}/console")
+    seen = await page.evaluate("() => document.body.innerText")
+    if seen == "Please log in":
+        await page.goto(f"{base}/login?account={account}&kind=session")
+        await page.goto(f"{base}/console")
+        seen = await page.evaluate("() => document.body.innerText")
+    if seen != f"Console {account}":
+        raise AssertionError(f"{account} sees {seen!r}: accounts are not isolated")
+    await page.goto(f"{base}/table")
+    return await page.evaluate("() => document.querySelectorAll('tr').length")  # type: ignore[no-any-return]
 
 
 def daemon_then_hang(pid_dir: str) -> None:
