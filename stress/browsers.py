@@ -6,12 +6,19 @@
   asking for a new browser (a launch and a connect), both timed inside the task;
   and what a bare connect to a running browser costs.
 - Memory of an idle browser: USS, PSS and summed RSS of its process tree.
+- Memory per account with a page open: a browser per account against an
+  incognito context per account in one shared browser (USS and PSS of every
+  browser tree, divided by the accounts).
+- Faults (a crashed tab, a SIGKILLed browser, a frozen one) and the
+  tracebacks they print to stderr: there should be none.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
 import signal
 import statistics
@@ -23,7 +30,8 @@ import psutil
 import sessions
 from procpool import DistributedExecutor, companion_info
 
-from .common import conclude, figure_table, say
+from .common import StderrWatch, conclude, figure_table, say
+from .pages import PageServer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +39,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    watch = StderrWatch()
     figures: dict[str, Any] = {}
     say("timing sessions: first launch and warm get_session ...")
     figures.update(session_costs(args.repeat))
     say("timing pinned browsers: reconnect after a worker kill, and a fresh launch ...")
     figures.update(pinned_costs(args.repeat))
-    return conclude("browsers", figures, figure_table(figures))
+    site = PageServer()
+    try:
+        say(f"measuring {ACCOUNTS} accounts as browsers and as contexts ...")
+        for isolation in ("browser", "context"):
+            figures.update(account_memory(isolation, site.url))
+        say("faults: a crashed tab, a killed browser, a frozen one ...")
+        figures.update(faults(site.url))
+    finally:
+        site.close()
+    figures["memory per account: context / browser (USS)"] = (
+        figures["memory per account, context: USS (MB)"] / figures["memory per account, browser: USS (MB)"]
+    )
+    figures["tracebacks on stderr"] = watch.close()
+    code = conclude("browsers", figures, figure_table(figures))
+    return code or (1 if figures["tracebacks on stderr"] else 0)
+
+
+ACCOUNTS = 4  # accounts with a page open, for the memory per account
+
+
+def account_memory(isolation: str, base: str) -> dict[str, float]:
+    """Every account's page open on /table; USS and PSS of all browser trees per account (MB)."""
+    with sessions.SessionPool(max_sessions=ACCOUNTS, isolation=isolation) as pool:
+        for i in range(ACCOUNTS):
+            with pool.sync_session(f"account-{i}") as browser:
+                browser.newPage().goto(f"{base}/table")
+        time.sleep(1.0)  # let the browsers settle before they are measured
+        pids = {view["pid"] for view in pool.get_stats()["sessions"].values()}
+        procs = [
+            p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))
+        ]
+        memory = [p.memory_full_info() for p in procs if p.status() != psutil.STATUS_ZOMBIE]
+    return {
+        f"memory per account, {isolation}: USS (MB)": sum(m.uss for m in memory) / 2**20 / ACCOUNTS,
+        f"memory per account, {isolation}: PSS (MB)": sum(m.pss for m in memory) / 2**20 / ACCOUNTS,
+        f"browsers for {ACCOUNTS} accounts, {isolation}": float(len(pids)),
+    }
+
+
+def faults(base: str) -> dict[str, float]:
+    """A crashed tab, a SIGKILLed browser and a SIGSTOPped one; each time the session works on after."""
+    recovered = 0
+    with sessions.SessionPool(call_timeout=5, health_check_interval=1) as pool:
+        for fault in ("crash", signal.SIGKILL, signal.SIGSTOP):
+            with pool.sync_session("account") as browser:
+                page = browser.newPage()
+                page.goto(f"{base}/")
+                if fault == "crash":  # the tab's renderer dies: its call fails, the session lives on
+                    with contextlib.suppress(sessions.SessionError):
+                        pool.run(functools.partial(page._obj._client.send, "Page.crash"), timeout=10)
+                else:
+                    os.kill(pool.get_stats()["sessions"]["account"]["pid"], fault)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    with pool.sync_session("account") as browser:
+                        page = browser.newPage()
+                        page.goto(f"{base}/table")
+                        recovered += page.evaluate("document.querySelectorAll('tr').length") == 20
+                    break
+                except Exception:  # noqa: BLE001 - a death not seen yet, a frozen browser not yet replaced
+                    time.sleep(0.2)
+    return {"faults recovered from (of 3)": float(recovered)}
 
 
 def session_costs(repeat: int) -> dict[str, float]:
