@@ -23,6 +23,7 @@ def demo(tmp_path: Path, *options: str) -> dict[str, Any]:
     report: dict[str, Any] = json.loads((tmp_path / "stress-out" / "demo.json").read_text())
     assert report["problems"] == [] and report["tasks"] > 0
     assert report["stats"]["total_tasks"] == report["tasks"]
+    assert report["tracebacks on stderr"] == 0 and "Traceback" not in out.stderr, out.stderr
     return report
 
 
