@@ -463,9 +463,12 @@ def _register_exit_hook(finalizer: weakref.finalize[Any, Any]) -> None:
 
 
 def get_optimized_session_pool(**options: Any) -> SessionPool:
-    """The process-wide default pool, created on first call (with ``options``); the same object after."""
+    """The process-wide default pool, created on first call (with ``options``); the same object after.
+
+    A forked child gets a pool of its own (the parent's browsers are not its to drive).
+    """
     global _default
     with _default_lock:
-        if _default is None or _default._closed:
+        if _default is None or _default._closed or _default._owner != os.getpid():
             _default = SessionPool(**options)
         return _default
