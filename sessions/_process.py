@@ -79,10 +79,16 @@ def find_chromium(executable: str | os.PathLike[str] | None = None) -> str:
 def temporary_root(prefix: str) -> Path:
     """A new private temporary folder ``<prefix>-<pid>-*``, after removing those of dead owners."""
     base = Path(tempfile.gettempdir())
-    for stale in base.glob(f"{prefix}-*-*"):
-        owner = stale.name[len(prefix) + 1 :].partition("-")[0]
-        if owner.isdigit() and not psutil.pid_exists(int(owner)) and stale.stat().st_uid == os.geteuid():
-            shutil.rmtree(stale, ignore_errors=True)
+    stale = []
+    for path in base.glob(f"{prefix}-*-*"):
+        owner = path.name[len(prefix) + 1 :].partition("-")[0]
+        if owner.isdigit() and not psutil.pid_exists(int(owner)) and path.stat().st_uid == os.geteuid():
+            stale.append(path)
+    if stale:  # not while a browser of a dead owner still winds down in it (it would write on)
+        running = " ".join(" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
+        for path in stale:
+            if str(path) not in running:
+                shutil.rmtree(path, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-"))
 
 

@@ -110,7 +110,7 @@ def test_two_pools_never_share_a_root_and_two_browsers_never_a_profile(
 def test_asyncio_use_on_the_caller_s_own_loop(
     make_pool: Callable[..., SessionPool], site: PageServer
 ) -> None:
-    pool = make_pool(max_sessions=1)
+    pool = make_pool(max_sessions=1, acquire_timeout=0.5)
 
     async def main() -> tuple[str, int]:
         async with pool.session("ctr-prod") as browser:
@@ -119,7 +119,7 @@ def test_asyncio_use_on_the_caller_s_own_loop(
             title = await page.evaluate("document.title")
             await page.close()
             with pytest.raises(SessionPoolFullError):
-                await pool.get_session_async("other")  # the only session is in use: nothing to evict
+                await pool.get_session_async("other")  # the only one is in use all along
         again = await pool.get_session_async("ctr-prod")
         assert again is browser  # the same connection on this loop
         await browser.disconnect()  # this loop's connection; the browser itself lives on
