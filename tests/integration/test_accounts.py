@@ -404,15 +404,24 @@ def test_a_forked_child_is_refused_with_a_clear_error(make_pool: MakePool) -> No
 
 
 def test_another_cdp_client_reaches_the_account_s_session(make_pool: MakePool, site: PageServer) -> None:
-    pool = make_pool(isolation="context")
+    shared = make_pool(isolation="context")
+    log_in(shared, "a", site)
+    devtools = shared.devtools_endpoint("a")
+    assert devtools.endpoint.startswith("ws://127.0.0.1:") and devtools.context_id
+    pool = make_pool()  # a browser per account: the whole browser is the account's
     log_in(pool, "a", site)
     devtools = pool.devtools_endpoint("a")
-    assert devtools.endpoint.startswith("ws://127.0.0.1:") and devtools.context_id
-    playwright = pytest.importorskip("playwright.sync_api")
+    assert devtools.context_id is None
+    playwright = pytest.importorskip("playwright.sync_api")  # procpool[playwright]
     with playwright.sync_playwright() as p:
         browser = p.chromium.connect_over_cdp(devtools.endpoint)
-        assert browser.contexts
-        browser.close()
+        (context,) = browser.contexts
+        assert {"name": "session", "value": "a"}.items() <= context.cookies()[0].items()
+        page = context.new_page()
+        page.goto(f"{site.url}/console")
+        assert page.inner_text("#who") == "Console a"
+        browser.close()  # Playwright's connection; the session lives on
+    assert console(pool, "a", site) == ("Console a", "a")
 
 
 def test_memory_is_measured_when_a_session_is_made(make_pool: MakePool) -> None:
