@@ -23,7 +23,7 @@ from ._errors import ProfileInUseError
 from ._memory import TreeMemory, measure
 from ._process import BrowserProcess
 
-__all__ = ("Host", "lock_profile")
+__all__ = ("Host", "lock_folder", "lock_profile")
 
 _CLOSE_GRACE = 5.0  # seconds a healthy browser gets to save its profile and exit before SIGKILL
 
@@ -98,14 +98,24 @@ class Host:
 
 def lock_profile(profile: Path) -> int:
     """Lock a profile directory for one browser; the lock ends with the fd (or the process)."""
-    profile.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(profile / ".sessions.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    busy = (
+        f"profile {profile} is in use by another browser (another SessionPool or process); "
+        f"two browsers on one profile would corrupt it"
+    )
+    return lock_folder(profile, ".sessions.lock", busy)
+
+
+def lock_folder(folder: Path, name: str, busy: str) -> int:
+    """Create ``folder`` (0700) and hold an exclusive lock on its file ``name``; its fd.
+
+    Raises:
+        ProfileInUseError: with ``busy``, when another holds it.
+    """
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ProfileInUseError(
-            f"profile {profile} is in use by another browser (another SessionPool or process); "
-            f"two browsers on one profile would corrupt it"
-        ) from None
+        raise ProfileInUseError(busy) from None
     return fd

@@ -22,7 +22,6 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook before the pool's (see below)
 import contextlib
-import fcntl
 import functools
 import inspect
 import os
@@ -36,7 +35,8 @@ from typing import Any, TypeVar
 
 from ._core import HOOKS, ISOLATIONS, Core, Session, Settings
 from ._driver import Browser, BrowserContext, connect, context_of
-from ._errors import CallTimeoutError, ProfileInUseError, SessionPoolClosedError
+from ._errors import CallTimeoutError, SessionPoolClosedError
+from ._hosts import lock_folder
 from ._process import find_chromium, temporary_root
 from ._sync import Blocking, pyppeteer_timeout
 
@@ -393,16 +393,8 @@ def _check_count(name: str, value: object) -> None:
 
 
 def _lock_root(root: Path) -> int:
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / ".pool.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ProfileInUseError(
-            f"profile_root {root} is in use by another SessionPool; give each pool its own root"
-        ) from None
-    return fd
+    busy = f"profile_root {root} is in use by another SessionPool; give each pool its own root"
+    return lock_folder(root, ".pool.lock", busy)
 
 
 def _shut_down(
