@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _policy as policy
 from . import _state as state
-from ._driver import Browser, BrowserContext, bounded, pages_of, probe_browser, probe_pages
+from ._driver import Browser, BrowserContext, bounded
 from ._errors import SessionError, SessionPoolFullError
 from ._hosts import Host
 
@@ -42,7 +42,6 @@ log = logging.getLogger("sessions")
 
 HOOKS = ("session_created", "session_closed", "session_error")
 ISOLATIONS = ("browser", "context")
-_QUIET = 10.0  # seconds without use before a session over the memory threshold is recycled
 _SAVE_TIMEOUT = 3.0  # seconds a state save may take (a page stuck in JavaScript is skipped)
 
 
@@ -213,7 +212,7 @@ class Core:
         async with self._shared_lock:
             if self._shared is None or not self._shared.alive():
                 if self._shared is not None:
-                    await self._lose_host(self._shared, SessionError("the shared browser went away"))
+                    await self.lose_host(self._shared, SessionError("the shared browser went away"))
                 s = self.settings
                 host = await Host.launch(s.executable, s.profile_root / "shared", s.launch_timeout,
                                          s.call_timeout, functools.partial(self._on_send, None))  # fmt: skip
@@ -276,20 +275,20 @@ class Core:
             return  # we closed it ourselves
         host.healthy = False
         error = SessionError(f"the browser (pid {host.process.pid}) went away")
-        self._spawn(self._lose_host(host, error))
+        self._spawn(self.lose_host(host, error))
 
-    async def _lose_host(self, host: Host, error: BaseException) -> None:
+    async def lose_host(self, host: Host, error: BaseException) -> None:
         """A browser that failed: every session on it fails (recreated on next use), then it is closed."""
         host.healthy = False
         for account in list(host.accounts):
             session = self.sessions.get(account)
             if session is not None and session.host is host:
-                await self._fail(session, error)
+                await self.fail(session, error)
         await host.close()  # a launch meanwhile waits for this in _shared_host: the profile is locked
         if self._shared is host:
             self._shared = None
 
-    async def _fail(self, session: Session, error: BaseException) -> None:
+    async def fail(self, session: Session, error: BaseException) -> None:
         """A session that failed: count it, tell the hooks, close it (recreated on next use)."""
         if session.closing:
             return
@@ -338,7 +337,7 @@ class Core:
     async def _finish_close(self, session: Session) -> None:
         host = session.host
         if session.healthy and host.alive():
-            await self._save(session, final=True)
+            await self.save(session, final=True)
         host.accounts.discard(session.account)
         if session.context_id is None:
             await host.close()
@@ -368,45 +367,9 @@ class Core:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # -- upkeep ------------------------------------------------------------------
+    # -- state and browsers ----------------------------------------------------------
 
-    async def maintain(self) -> None:
-        """Idle timeouts, health checks, memory samples and state saves, for as long as the pool lives."""
-        s = self.settings
-        tick = min(1.0, s.health_check_interval / 4, s.session_idle_timeout / 4, s.memory_sample_interval,
-                   s.state_save_interval)  # fmt: skip
-        next_check = time.monotonic() + s.health_check_interval
-        next_sample = next_save = time.monotonic()
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            try:
-                await self._expire_idle(now)
-                if now >= next_save:
-                    next_save = now + s.state_save_interval
-                    await self.save_states()
-                if now >= next_sample:
-                    next_sample = now + s.memory_sample_interval
-                    await self.sample_memory()
-                if now >= next_check:
-                    next_check = now + s.health_check_interval
-                    await self.check_health()
-            except Exception:  # upkeep must go on
-                log.exception("session upkeep failed; trying again next round")
-
-    async def _expire_idle(self, now: float) -> None:
-        usages = {a: s.usage() for a, s in self.sessions.items()}
-        for account in policy.idle_expired(usages, now, self.settings.session_idle_timeout):
-            log.info("session %r idle for over %g s; closing it", account, self.settings.session_idle_timeout)
-            await self.close(account)
-
-    async def save_states(self) -> None:
-        """Save the login state of every session used since its last save."""
-        for session in list(self.sessions.values()):
-            if session.last_used > session.saved_at and session.healthy and not session.closing:
-                await self._save(session)
-
-    async def _save(self, session: Session, final: bool = False) -> None:
+    async def save(self, session: Session, final: bool = False) -> None:
         path = state.state_path(self.settings.profile_root, session.account)
         started = time.monotonic()
         visited = session.origins if final and session.context_id is not None else ()
@@ -421,54 +384,6 @@ class Core:
         if self._shared is not None:
             found[id(self._shared)] = self._shared
         return list(found.values())
-
-    async def check_health(self) -> None:
-        """Probe every browser, then the pages of every session; close what fails."""
-        timeout = min(self.settings.call_timeout, 10.0)
-        for host in self.hosts():
-            if host.closing:
-                continue
-            reason = await probe_browser(host.upkeep, timeout)
-            if reason is None and not host.process.alive():
-                reason = f"Chromium (pid {host.process.pid}) has exited"
-            if reason is not None:
-                await self._lose_host(
-                    host, SessionError(f"health check of browser {host.process.pid} failed: {reason}")
-                )
-                continue
-            for account in list(host.accounts):
-                session = self.sessions.get(account)
-                if session is None or session.closing:
-                    continue
-                reason = await probe_pages(pages_of(host.upkeep, session.context_id), timeout)
-                if reason is None:
-                    self.failures[account] = 0
-                else:
-                    await self._fail(
-                        session, SessionError(f"health check of session {account!r} failed: {reason}")
-                    )
-
-    async def sample_memory(self) -> None:
-        """Measure each browser tree (off the loop) and recycle quiet ones past the threshold."""
-        threshold = self.settings.memory_threshold_mb
-        for host in self.hosts():
-            host.memory = memory = await self.loop.run_in_executor(None, host.measure)
-            over = threshold is not None and memory.uss_mb > threshold
-            if over and host.process.pid not in self._over:
-                log.warning(
-                    "browser %d (sessions %s) uses %.0f MB (USS of its tree), over memory_threshold_mb=%g",
-                    host.process.pid, ", ".join(sorted(host.accounts)) or "none", memory.uss_mb, threshold,
-                )  # fmt: skip
-            (self._over.add if over else self._over.discard)(host.process.pid)
-            users = [self.sessions[a] for a in host.accounts if a in self.sessions]
-            now = time.monotonic()
-            if users and all(policy.needs_recycle(s.usage(), threshold, now, _QUIET) for s in users):
-                log.info("recycling browser %d for its memory; logins are kept", host.process.pid)
-                for session in users:
-                    await self.close(session.account, session)
-                if self._shared is host:
-                    await host.close()
-                    self._shared = None
 
     # -- hooks and stats -----------------------------------------------------------
 

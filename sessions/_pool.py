@@ -18,14 +18,11 @@ closes at garbage collection or at exit, quietly.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
-import concurrent.futures.thread  # registers its exit hook before the pool's (see below)
 import contextlib
 import functools
 import inspect
 import os
-import shutil
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -36,9 +33,10 @@ from typing import Any, TypeVar
 from ._core import HOOKS, ISOLATIONS, Core, Session, Settings
 from ._driver import Browser, BrowserContext, connect, context_of
 from ._errors import CallTimeoutError, SessionPoolClosedError
-from ._hosts import lock_folder
+from ._lifecycle import lock_root, register_exit_hook, shut_down
 from ._process import find_chromium, temporary_root
 from ._sync import Blocking, pyppeteer_timeout
+from ._upkeep import maintain
 
 __all__ = ("DevTools", "SessionPool", "get_optimized_session_pool")
 
@@ -140,7 +138,7 @@ class SessionPool:
         executable = find_chromium(executable_path)
         temporary = profile_root is None
         root = temporary_root("sessions") if profile_root is None else Path(profile_root)
-        root_lock = _lock_root(root)
+        root_lock = lock_root(root)
         settings = Settings(
             max_sessions, float(session_idle_timeout), float(health_check_interval), memory_threshold_mb,
             float(memory_sample_interval), executable, root, float(launch_timeout), float(call_timeout),
@@ -152,17 +150,17 @@ class SessionPool:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sessions-loop", daemon=True)
         self._thread.start()
         self._owner = os.getpid()  # a forked child (a pool worker) inherits this object, not its loop
-        upkeep = asyncio.run_coroutine_threadsafe(self._core.maintain(), self._loop)
+        upkeep = asyncio.run_coroutine_threadsafe(maintain(self._core), self._loop)
         self._connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Browser]] = (
             weakref.WeakKeyDictionary()
         )
         self._connections_lock = threading.Lock()
         self._finalizer = weakref.finalize(
-            self, _shut_down, self._loop, self._thread, self._core, upkeep, self._owner,
+            self, shut_down, self._loop, self._thread, self._core, upkeep, self._owner,
             root if temporary else None, root_lock,
         )  # fmt: skip
         self._finalizer.atexit = False  # the exit hook below closes it, at the right moment
-        _register_exit_hook(self._finalizer)
+        register_exit_hook(self._finalizer)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._core.sessions)} sessions"
@@ -390,68 +388,6 @@ def _check_account(account: object) -> str:
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int of at least 1, not {value!r}")
-
-
-def _lock_root(root: Path) -> int:
-    busy = f"profile_root {root} is in use by another SessionPool; give each pool its own root"
-    return lock_folder(root, ".pool.lock", busy)
-
-
-def _shut_down(
-    loop: asyncio.AbstractEventLoop,
-    thread: threading.Thread,
-    core: Core,
-    upkeep: concurrent.futures.Future[None],
-    owner: int,
-    temporary: Path | None,
-    root_lock: int,
-) -> None:
-    """Close every browser and end the loop thread (close(), garbage collection, or exit)."""
-    if os.getpid() != owner:
-        return  # a forked copy: the browsers are the parent's
-    if threading.current_thread() is thread:  # dropped on its own loop: finish there, unseen
-        done = loop.create_task(_wind_down(core, upkeep))
-
-        def finish(_: object) -> None:
-            _release_root(temporary, root_lock)
-            loop.stop()
-
-        done.add_done_callback(finish)
-        return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(_wind_down(core, upkeep), loop).result()
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
-    _release_root(temporary, root_lock)
-
-
-def _release_root(temporary: Path | None, root_lock: int) -> None:
-    os.close(root_lock)
-    if temporary is not None:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
-async def _wind_down(core: Core, upkeep: concurrent.futures.Future[None]) -> None:
-    upkeep.cancel()
-    await core.close_all()
-    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in rest:  # connections winding down: end them before the loop closes
-        task.cancel()
-    await asyncio.gather(*rest, return_exceptions=True)
-
-
-def _register_exit_hook(finalizer: weakref.finalize[Any, Any]) -> None:
-    # Closing stops browsers through the loop's default thread pool, and at interpreter exit
-    # concurrent.futures refuses new work from its own exit hook on, which runs before atexit
-    # functions. Hooks of threading's own exit run in reverse order of registration, and
-    # concurrent.futures.thread (imported above) registered first: this one runs before it.
-    # In a forked child (multiprocessing calls threading._shutdown as a worker ends) the
-    # finalizer does nothing: the browsers are the parent's.
-    try:
-        threading._register_atexit(finalizer)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):  # another Python, or exit has begun: the plain hook
-        atexit.register(finalizer)
 
 
 def get_optimized_session_pool(**options: Any) -> SessionPool:

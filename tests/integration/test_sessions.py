@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-import sessions._core
+import sessions._upkeep
 from sessions import (
     BrowserLaunchError,
     BrowserNotFoundError,
@@ -182,7 +182,7 @@ def test_idle_sessions_are_closed(make_pool: Callable[..., SessionPool]) -> None
 def test_memory_is_measured_and_a_large_browser_is_recycled_when_idle(
     make_pool: Callable[..., SessionPool], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sessions._core, "_QUIET", 1.0)  # seconds unused before a recycle (10 by default)
+    monkeypatch.setattr(sessions._upkeep, "_QUIET", 1.0)  # seconds unused before a recycle (10 by default)
     pool = make_pool(memory_sample_interval=0.2, memory_threshold_mb=None)
     pool.get_session("a")
     assert wait_until(lambda: pool.get_stats()["sessions"]["a"]["memory_mb"] is not None, 10)
