@@ -340,6 +340,7 @@ class Core:
             await self.save(session, final=True)
         host.accounts.discard(session.account)
         if session.context_id is None:
+            host.healthy = host.healthy and session.healthy  # its own browser failed with it: no grace
             await host.close()
         else:
             self._by_context.pop(session.context_id, None)

@@ -84,15 +84,18 @@ class Host:
         await asyncio.shield(self._closed)
 
     async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
         grace = 0.0
         if self.alive():
             with contextlib.suppress(Exception):
                 await bounded(self.upkeep.close(), _CLOSE_GRACE)
                 grace = _CLOSE_GRACE
+        else:  # failed (frozen, perhaps): killed first, so the connections close at once, not after a wait
+            await loop.run_in_executor(None, self.process.kill)
         for connection in (self.browser, self.upkeep):
             with contextlib.suppress(Exception):
                 await bounded(connection.disconnect(), _CLOSE_GRACE)
-        await asyncio.get_running_loop().run_in_executor(None, self.process.stop, grace)
+        await loop.run_in_executor(None, self.process.stop, grace)
         os.close(self.lock_fd)
 
 

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from conftest import pid_alive, wait_until
 
+import sessions._driver
 from sessions import (
     BrowserGoneError,
     CallTimeoutError,
@@ -150,7 +151,10 @@ def test_a_crashed_tab_fails_its_pending_calls_at_once(
     assert console(pool, "a", site)[0] == "Please log in"  # the session works on, in a new page
 
 
-def test_a_frozen_browser_fails_pending_calls_within_seconds(make_pool: MakePool, site: PageServer) -> None:
+def test_a_frozen_browser_fails_pending_calls_within_seconds(
+    make_pool: MakePool, site: PageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions._driver, "_FROZEN_AFTER", 2.0)  # seconds of silence (5 by default)
     pool = make_pool()
     browser = pool.get_session("a")
     pid = pid_of(pool, "a")
@@ -165,7 +169,7 @@ def test_a_frozen_browser_fails_pending_calls_within_seconds(make_pool: MakePool
             os.kill(pid, signal.SIGCONT)
 
     error, took = pool.run(freeze_while_waiting(), timeout=40)
-    assert isinstance(error, BrowserGoneError) and took < 10
+    assert isinstance(error, BrowserGoneError) and took < 6  # ping after 2 s, then 2 s of silence
 
 
 def test_a_page_stuck_in_javascript_times_out_and_the_run_is_cancelled(
@@ -328,7 +332,7 @@ def test_get_session_right_after_a_death_returns_a_working_browser(
     pool = make_pool(health_check_interval=0.5, call_timeout=2)
     noticed = threading.Event()
     pool.register_hook("session_error", lambda account, error: noticed.set())
-    for stop in (signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL):
+    for stop in (signal.SIGKILL, signal.SIGSTOP):
         noticed.clear()
         pool.get_session("a")
         os.kill(pid_of(pool, "a"), stop)
