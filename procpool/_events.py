@@ -101,6 +101,9 @@ class TaskEvents:
         if w.lease == w.doomed:
             w.fenced = True
         task = self.ex._tasks.get(task_id)
+        if task is not None and task.attempt == attempt and task.status is TaskStatus.CANCELLED:
+            self._doom(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
+            return None
         if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
             return None
         if w.doom is not None:
@@ -206,7 +209,9 @@ class TaskEvents:
         """Cancel a task (on the supervisor thread); ``reply`` gets True if it will not complete.
 
         With ``kill=False`` only a task that has not started is cancelled. A queued task is
-        looked for in the outbox and the manager's queue off this thread.
+        looked for in the outbox and the manager's queue off this thread. With ``kill`` the
+        answer does not wait for that (the manager may be frozen): the task is cancelled at
+        once, and a worker found to hold it meanwhile is killed, as a running task's is.
         """
         task = self.ex._tasks.get(task_id)
         if task is None or task.status in TERMINAL:
@@ -222,7 +227,17 @@ class TaskEvents:
             with outbox.flush_lock:  # the task is then either still in the outbox or in the queue
                 return "removed" if outbox.discard(task_id) else queue.cancel(task_id)
 
+        if kill:
+            self._cancel_found(task, attempt, "removed", kill, reply)
+            self.link.send(find, lambda where: self._kill_late_holder(task.task_id, attempt, where))
+            return
         self.link.send(find, lambda where: self._cancel_found(task, attempt, where, kill, reply))
+
+    def _kill_late_holder(self, task_id: str, attempt: int, where: str | None) -> None:
+        """A task cancelled while queued had been taken meanwhile: its worker is killed."""
+        w = None if where in (None, "removed") else self._worker_named(where)
+        if w is not None and w.lease == (task_id, attempt):
+            self._doom(w, "cancel", (task_id, attempt))
 
     def _cancel_found(
         self, task: Task, attempt: int, where: str | None, kill: bool, reply: Future[bool] | None

@@ -15,7 +15,7 @@ import faults
 import pytest
 from conftest import end_process, pid_alive, wait_until
 
-from procpool import DistributedExecutor, TaskStatus, WorkerLostError
+from procpool import DistributedExecutor, TaskCancelledError, TaskStatus, WorkerLostError
 from procpool._containment import Jails
 
 Make = Callable[..., DistributedExecutor]
@@ -312,3 +312,30 @@ def test_a_frozen_manager_delays_no_deadline_and_no_kill(make_executor: Make) ->
     finally:
         os.kill(manager, signal.SIGCONT)
     assert executor.submit(faults.double, 2).result(timeout=20) == 4  # and it goes on once thawed
+
+
+def test_a_queued_task_is_cancelled_at_once_under_a_frozen_manager(
+    make_executor: Make, tmp_path: Path
+) -> None:
+    executor = make_executor(max_local_workers=1, kill_grace=0.2, heartbeat_timeout=None)
+    gate = tmp_path / "gate"
+    busy = executor.submit_task(faults.wait_for_file, args=(str(gate),))
+    assert wait_until(lambda: executor.get_task(busy).status is TaskStatus.RUNNING, 10)
+    ran = tmp_path / "ran.log"
+    queued = executor.submit_task(faults.record_order, args=(str(ran), "queued"))
+    time.sleep(0.3)  # in the manager's queue now, behind the busy task
+    manager = executor._supervisor.manager._process.pid  # type: ignore[union-attr]
+    os.kill(manager, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert executor.cancel_task(queued) is True
+        assert time.monotonic() - start < 1.0
+        assert executor.get_task(queued).status is TaskStatus.CANCELLED
+        with pytest.raises(TaskCancelledError):
+            executor.get_task_result(queued, timeout=5)
+    finally:
+        os.kill(manager, signal.SIGCONT)
+    gate.write_text("go")
+    assert executor.get_task_result(busy, timeout=20) == str(gate)
+    assert executor.submit(faults.double, 2).result(timeout=20) == 4
+    assert not ran.exists()  # it never ran
