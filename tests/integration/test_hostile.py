@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -335,7 +336,10 @@ def test_a_queued_task_is_cancelled_at_once_under_a_frozen_manager(
             executor.get_task_result(queued, timeout=5)
     finally:
         os.kill(manager, signal.SIGCONT)
-    gate.write_text("go")
+    reached = threading.Event()  # calls to the manager run in order: the queue's cancel is done
+    executor._supervisor.link.send(reached.set)
+    assert reached.wait(10)
+    gate.write_text("go")  # only now is the worker free to take a task
     assert executor.get_task_result(busy, timeout=20) == str(gate)
     assert executor.submit(faults.double, 2).result(timeout=20) == 4
     assert not ran.exists()  # it never ran
