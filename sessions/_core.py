@@ -42,6 +42,7 @@ log = logging.getLogger("sessions")
 
 HOOKS = ("session_created", "session_closed", "session_error")
 ISOLATIONS = ("browser", "context")
+_TOUCH_EVERY = 0.1  # seconds: calls from other loops post their use to the pool loop at most this often
 _SAVE_TIMEOUT = 3.0  # seconds a state save may take (a page stuck in JavaScript is skipped)
 
 
@@ -237,8 +238,8 @@ class Core:
                 )
         if threading.get_ident() == self.loop._thread_id:  # type: ignore[attr-defined]
             self._used(session, method)
-        else:
-            self.loop.call_soon_threadsafe(self._used, session, method)
+        elif method == "Target.createTarget" or time.monotonic() - session.last_used > _TOUCH_EVERY:
+            self.loop.call_soon_threadsafe(self._used, session, method)  # not once per call: a wake-up each
 
     def _used(self, session: Session, method: str) -> None:
         session.last_used = time.monotonic()

@@ -242,9 +242,4 @@ def _owners(info: dict[str, Any]) -> dict[str, str]:
 
 
 def _write_owners(info: dict[str, Any], owners: dict[str, str]) -> None:
-    path = _owners_path(info)
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        json.dump({"endpoint": info["endpoint"], "contexts": owners}, file)
-    os.replace(temporary, path)
+    state.write_private(_owners_path(info), {"endpoint": info["endpoint"], "contexts": owners})

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from ._driver import Browser, BrowserContext, bounded, context_of, pages_of
 
-__all__ = ("load", "origin_of", "profile_name", "restore", "save", "state_path")
+__all__ = ("load", "origin_of", "profile_name", "restore", "save", "state_path", "write_private")
 
 log = logging.getLogger("sessions")
 _COOKIE_FIELDS = ("name", "value", "domain", "path", "secure", "httpOnly", "sameSite", "priority")
@@ -94,7 +94,7 @@ async def save(
                     await bounded(page.goto(origin + "/"), timeout)
                     _, items = await bounded(page.evaluate(_READ_STORAGE), timeout)
                     state["origins"][origin] = dict(items)
-    _write(path, state)
+    write_private(path, state)
 
 
 def origin_of(url: str) -> str | None:
@@ -103,7 +103,8 @@ def origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
 
 
-def _write(path: Path, state: dict[str, Any]) -> None:
+def write_private(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as JSON, whole (a crash leaves the old file or the new), 0600 in a 0700 folder."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     temporary = path.with_suffix(".tmp")

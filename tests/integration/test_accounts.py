@@ -34,6 +34,7 @@ from sessions import (
     SessionPoolClosedError,
     SessionPoolFullError,
 )
+from sessions._state import state_path
 from stress.pages import PageServer
 
 pytestmark = pytest.mark.browser
@@ -103,8 +104,9 @@ def test_a_login_survives_a_browser_killed_a_second_after(
 ) -> None:
     pool = make_pool(isolation=isolation, state_save_interval=0.2)
     log_in(pool, "alice", site)
-    time.sleep(1.0)
-    os.kill(pid_of(pool, "alice"), signal.SIGKILL)
+    saved = state_path(pool._core.settings.profile_root, "alice")
+    assert wait_until(lambda: saved.exists() and "alice" in saved.read_text(), 5)  # the periodic save
+    os.kill(pid_of(pool, "alice"), signal.SIGKILL)  # no close, so nothing more is saved
     assert wait_until(lambda: "alice" not in pool.get_stats()["sessions"], 10)
     assert console(pool, "alice", site)[0] == "Console alice"
 
@@ -135,7 +137,8 @@ def test_a_crashed_tab_fails_its_pending_calls_at_once(
         page = await browser.newPage()
         await page.goto(site.url + "/")
         pending = asyncio.ensure_future(page.evaluate("() => new Promise(() => {})"))
-        await asyncio.sleep(0.3)
+        while not page._client._callbacks:  # the call is on its way to the page
+            await asyncio.sleep(0.005)
         page._client.send("Page.crash").add_done_callback(lambda f: f.cancelled() or f.exception())
         error, took = await wait_for_failure(pending, 10)
         try:

@@ -138,8 +138,7 @@ async def as_account(account: str, url: str, hang: bool = False) -> str:
     page = await context.newPage()
     await page.goto(url)
     text: str = await page.evaluate("() => document.body.innerText")
-    if hang:
-        await asyncio.sleep(1.5)  # the login is saved meanwhile; then the deadline kills the task
+    if hang:  # killed at its deadline: the next worker saves the login its context holds
         await asyncio.sleep(3600)
     return text
 

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sessions._state import _cookie_param, _write, load
+from sessions._state import _cookie_param, load, write_private
 from sessions._sync import Blocking, pyppeteer_timeout, unwrap, wrap
 
 
@@ -54,7 +54,7 @@ def test_a_session_cookie_stays_a_session_cookie() -> None:
 
 def test_state_files_are_private_and_whole(tmp_path: Path) -> None:
     path = tmp_path / "state" / "a.json"
-    _write(path, {"cookies": [{"name": "s"}], "origins": {}})
+    write_private(path, {"cookies": [{"name": "s"}], "origins": {}})
     assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(path.parent).st_mode & 0o777 == 0o700
     assert load(path)["cookies"] == [{"name": "s"}]
     path.write_text("{not json")
