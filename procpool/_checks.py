@@ -5,23 +5,21 @@
         OUT_OF_MEMORY ── kill the worker, fail its task with WorkerMemoryError
         RECYCLE       ── retire the worker: it ends after its current task
 
-It runs on the supervisor thread, as part of the Supervisor class (a mixin).
+Run on the supervisor thread. It reads the worker set and shared memory, and acts
+only through the two calls it is given: ``kill`` (the kill ladder) and ``retire``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
+from ._config import Config
 from ._health import Verdict, heartbeat_interval, judge, parse_stat, silent_for
-from ._metrics import MB, SlotHealth, read_health
-
-if TYPE_CHECKING:
-    from ._config import Config
-    from ._manager_link import ManagerLink
-    from ._metrics import MetricsBlock
-    from ._queue import TaskQueueProxy
-    from ._scheduling import Timers
+from ._metrics import MB, MetricsBlock, SlotHealth, read_health
+from ._scheduling import Timers
+from ._states import WorkerState
+from ._workers import Worker, WorkerSet
 
 __all__ = ("HealthChecks",)
 
@@ -31,24 +29,24 @@ _STATES = {"T": "stopped", "t": "stopped", "D": "in an uninterruptible wait"}
 _HEALTH_PERIOD_MIN = 0.05  # seconds; health checks read shared memory only, but need not spin
 
 
+Kill = Callable[[Worker, str, "tuple[str, int] | None"], None]
+
+
 class HealthChecks:
-    """Mixed into Supervisor; uses its workers, timers, queue and kill ladder."""
+    """Judges every active worker on a timer; see the module docstring."""
 
-    if TYPE_CHECKING:
-        cfg: Config
-        metrics: MetricsBlock
-        queue: TaskQueueProxy | None
-        link: ManagerLink
-        timers: Timers
-        workers: dict[int, Any]
+    def __init__(
+        self, cfg: Config, metrics: MetricsBlock, workers: WorkerSet, timers: Timers,
+        kill: Kill, retire: Callable[[Worker], None],
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.metrics = metrics
+        self.workers = workers
+        self.timers = timers
+        self._kill = kill
+        self._retire = retire
 
-        def _publish_slot(
-            self, slot: int, name: str, pid: int, active: bool, lost: int = 0, healthy: bool = True
-        ) -> None: ...
-
-        def _doom(self, w: Any, reason: str, doomed: tuple[str, int] | None) -> None: ...
-
-    def _arm_health(self, now: float) -> None:
+    def arm(self, now: float) -> None:
         cfg = self.cfg
         periods = []
         if cfg.heartbeat_timeout is not None:
@@ -58,13 +56,13 @@ class HealthChecks:
         if periods:
             self.timers.set(("health",), now + max(min(periods), _HEALTH_PERIOD_MIN))
 
-    def _check_health(self, now: float) -> None:
+    def check(self, now: float) -> None:
         """Act on each worker's heartbeat and memory figures."""
         buf = self.metrics.shm.buf
         assert buf is not None
         mb = self.cfg.max_worker_memory_mb
-        for w in list(self.workers.values()):
-            if w.doom is not None or w.recycling:
+        for w in self.workers:
+            if w.state is not WorkerState.ACTIVE:
                 continue
             pid = w.process.pid
             health = read_health(buf, w.slot)
@@ -82,19 +80,18 @@ class HealthChecks:
                 silent = silent_for(now, w.alive_at, pid, health)
                 w.note = f"sent no heartbeat and used no CPU for {silent:.1f} s ({w.state_seen})"
                 log.warning("worker %s (pid %d) %s; killing and replacing it", w.name, pid, w.note)
-                self._publish_slot(w.slot, w.name, pid, active=True, healthy=False)
-                self._doom(w, "hung", w.lease)
+                self.workers.mark_unhealthy(w)
+                self._kill(w, "hung", w.lease)
             elif verdict is Verdict.OUT_OF_MEMORY:
                 w.note = _over_limit(health, mb)
                 log.warning("worker %s (pid %d) %s; killing its task", w.name, pid, w.note)
-                self._doom(w, "memory", w.lease)
+                self._kill(w, "memory", w.lease)
             elif verdict is Verdict.RECYCLE:
                 used = _over_limit(health, mb)
                 log.info("worker %s (pid %d) %s; replacing it after its current task", w.name, pid, used)
-                w.recycling = True
-                self._retire(w.key)
+                self._retire(w)
 
-    def _look_for_life(self, w: Any, now: float) -> None:
+    def _look_for_life(self, w: Worker, now: float) -> None:
         """A silent worker whose CPU time grows and that is not stopped is busy, not hung."""
         try:
             with open(f"/proc/{w.process.pid}/stat") as f:
@@ -106,7 +103,7 @@ class HealthChecks:
             w.alive_at = now  # busy in a call that holds the GIL: that is life
         w.cpu_ticks = ticks
 
-    def _warn_memory(self, w: Any, health: SlotHealth) -> None:
+    def _warn_memory(self, w: Worker, health: SlotHealth) -> None:
         threshold = self.cfg.memory_threshold_mb
         if threshold is None or health.memory_pid != w.process.pid:
             return
@@ -117,11 +114,6 @@ class HealthChecks:
                 w.name, w.process.pid, health.uss / MB, threshold,
             )  # fmt: skip
         w.over_threshold = over
-
-    def _retire(self, key: str) -> None:
-        queue = self.queue
-        assert queue is not None
-        self.link.send(lambda: queue.retire(key))  # off this thread: the manager may be frozen
 
 
 def _over_limit(health: SlotHealth, limit: float | None) -> str:

@@ -1,33 +1,35 @@
-"""Task events on the supervisor thread: started, done, deadlines, cancels (a mixin of Supervisor).
+"""Task events on the supervisor thread: started, done, deadlines, cancels, deaths, retries.
 
-Every change of a task's state happens here or in the supervisor, on its
-thread, through ``Ledger.move``. An attempt counts only while it is the
-task's current one and its worker is not fenced (see ``_supervisor``).
+    worker messages ──▶ TaskEvents ── Ledger.move (the one writer of task state)
+    worker deaths   ──▶     │ ── kill(w, why, attempt): the worker set's kill ladder
+    deadline timers ──▶     │ ── link: put, release and cancel in the manager's queue
+                            └── decoder lane: results unpickled off this thread
+
+An attempt counts only while it is the task's current one and its worker is
+not fenced (see ``_supervisor``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cloudpickle
 
+from ._callbacks import Lane
+from ._config import Config
 from ._errors import RemoteTaskError, TaskCancelledError, TaskTimeoutError, WorkerLostError, WorkerMemoryError
 from ._ledger import Ledger, rebuild_error
+from ._manager_link import ManagerLink
+from ._outbox import Outbox
 from ._remote.slots import DEADLINE_MARGIN
 from ._scheduling import Timers, should_retry
 from ._states import TERMINAL, TaskStatus
 from ._task import Task
-
-if TYPE_CHECKING:
-    from ._callbacks import Lane
-    from ._config import Config
-    from ._executor import DistributedExecutor
-    from ._manager_link import ManagerLink
-    from ._queue import TaskQueueProxy
-    from ._supervisor import Worker
+from ._workers import Worker, WorkerSet
 
 __all__ = ("TaskEvents",)
 
@@ -47,9 +49,9 @@ def _plain(blob: bytes | None) -> bool:
     return len(blob.translate(None, _CODE_OPCODES)) == len(blob)
 
 
-def _decode(item: tuple[Any, Any, Task, tuple[Any, ...]]) -> None:
+def _decode(item: tuple[TaskEvents, Worker, Task, tuple[Any, ...]]) -> None:
     """On the decoder lane: the attempt's value or error, handed back to the supervisor."""
-    supervisor, w, task, message = item
+    events, w, task, message = item
     _, _, _, ok, _, _, blob, type_name, text, tb = message
     outcome: tuple[str, Any]
     if ok:
@@ -61,7 +63,7 @@ def _decode(item: tuple[Any, Any, Task, tuple[Any, ...]]) -> None:
     else:
         outcome = ("error", rebuild_error(blob, type_name, text, tb))
     del item, blob
-    supervisor.call(lambda: supervisor._on_decoded(w, task, message, outcome))
+    events.call(lambda: events._on_decoded(w, task, message, outcome))
 
 
 def _answer(reply: Future[bool] | None, value: bool) -> None:
@@ -70,43 +72,86 @@ def _answer(reply: Future[bool] | None, value: bool) -> None:
 
 
 class TaskEvents:
-    """Mixed into Supervisor; uses its ledger, timers, queue and workers."""
+    """What happens to tasks, on the supervisor thread; see the module docstring."""
 
-    if TYPE_CHECKING:
-        cfg: Config
-        ex: DistributedExecutor
-        ledger: Ledger
-        decoder: Lane
-        link: ManagerLink
-        decoding: set[tuple[str, int]]
-        queue: TaskQueueProxy | None
-        _init_failures: int
-        timers: Timers
-        workers: dict[int, Worker]
+    def __init__(
+        self, cfg: Config, ledger: Ledger, tasks: dict[str, Task], workers: WorkerSet, timers: Timers,
+        link: ManagerLink, outbox: Callable[[], Outbox], call: Callable[[Callable[[], None]], bool],
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.ledger = ledger
+        self.tasks = tasks  # the executor's: submitters add to it, the ledger lets go of finished ones
+        self.workers = workers
+        self.timers = timers
+        self.link = link
+        self._outbox = outbox
+        self.call = call  # Supervisor.call: back onto the supervisor thread
+        self.decoder = Lane("procpool-decoder")  # unpickles what workers send back: user code
+        self.decoding: set[tuple[str, int]] = set()  # attempts that ended, their outcome on the decoder
 
-        def _doom(self, w: Worker, reason: str, doomed: tuple[str, int] | None) -> None: ...
-        def _put(self, task: Task, then: Any = None) -> None: ...
-        def _answer_started(self, w: Any, task: Task | None) -> None: ...
+    def close(self) -> None:
+        self.decoder.close()
 
-    def _on_started(self, w: Worker, task_id: str, attempt: int) -> None:
-        task = self._start(w, task_id, attempt)
-        if w.host is not None:
-            self._answer_started(w, task)
+    # -- the kill ladder, and the queue ----------------------------------------
+
+    def kill(self, w: Worker, reason: str, attempt: tuple[str, int] | None) -> None:
+        """Kill ``w`` (running ``attempt``); it takes nothing more from the queue.
+
+        It may already hold the next task (taken, its "started" not read, or not sent):
+        that one goes back in its place.
+        """
+        if self.workers.doom(w, reason, attempt):
+            self.link.send(lambda q: q.release(w.key), lambda lease: self._put_back(w, lease))
+
+    def retire(self, w: Worker) -> None:
+        """``w`` takes no more tasks, and ends after its current one."""
+        if self.workers.retire(w):
+            key = w.key
+            self.link.send(lambda q: q.retire(key))  # off this thread: the manager may be frozen
+
+    def _put_back(self, w: Worker, lease: tuple[str, int] | None) -> None:
+        if lease is not None and lease != w.killed_for:
+            self._requeue(lease)
+
+    def _requeue(self, lease: tuple[str, int]) -> None:
+        """Queue a leased attempt again, in its place, as if never taken."""
+        task = self.tasks.get(lease[0])
+        # Only a task whose "started" was not read can be released with a doomed worker.
+        waiting = (TaskStatus.PENDING, TaskStatus.RETRYING)
+        if task is None or task.attempt != lease[1] or task.status not in waiting:
+            return
+        self._put(task)
+
+    def _put(self, task: Task) -> None:
+        """Queue the task's current attempt (a retry keeps its place: same priority and seq)."""
+        assert task.payload is not None
+        item = (int(task.priority), task.seq, task.task_id, task.attempt, task.payload)
+        self.link.send(lambda q: q.put(*item))
+
+    # -- messages from workers ---------------------------------------------------
+
+    def on_message(self, w: Worker, message: tuple[Any, ...]) -> None:
+        if message[0] == "started":
+            task = self._start(w, message[1], message[2])
+            if w.host is not None:
+                self._answer_started(w, task)
+        elif message[0] == "done":
+            self._on_done(w, message)
+        elif message[0] == "init_failed":  # at start-up only: rebuilt here, where a death needs it
+            w.init_error = rebuild_error(*message[1:])
+        else:  # "timedout" or "lost", from a remote slot's link
+            self._on_remote_end(w, message)
 
     def _start(self, w: Worker, task_id: str, attempt: int) -> Task | None:
         """Mark a task running on ``w``; returns it, or None if that attempt no longer counts."""
-        w.lease = (task_id, attempt)
-        w.ran_any = True
-        self._init_failures = 0
-        if w.lease == w.doomed:
-            w.fenced = True
-        task = self.ex._tasks.get(task_id)
+        self.workers.started(w, (task_id, attempt))
+        task = self.tasks.get(task_id)
         if task is not None and task.attempt == attempt and task.status is TaskStatus.CANCELLED:
-            self._doom(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
+            self.kill(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
             return None
-        if task is None or task.attempt != attempt or task.status in TERMINAL or w.fenced:
+        if task is None or task.attempt != attempt or task.status in TERMINAL or not w.counts:
             return None
-        if w.doom is not None:
+        if w.stopping:
             return None  # taken by a worker being killed: its release puts the task back
         task.worker = w.name
         self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
@@ -124,8 +169,8 @@ class TaskEvents:
         """
         _, task_id, attempt, ok = message[:4]
         w.lease = None
-        task = self.ex._tasks.get(task_id)
-        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or w.fenced:
+        task = self.tasks.get(task_id)
+        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or not w.counts:
             if not ok:
                 self._go_ahead(w)
             return  # a stale attempt, or one being killed: fenced out
@@ -152,7 +197,7 @@ class TaskEvents:
                 again = kind == "error" and retryable and task.retry_errors
                 self._fail_attempt(task, w.name, value, retryable=again, elapsed=elapsed)
         if not ok:  # after any retry's put (the link keeps their order): it goes back in its place
-            self.link.send(lambda: None, lambda _: self._go_ahead(w))
+            self.link.send(lambda _: None, lambda _: self._go_ahead(w))
 
     def _go_ahead(self, w: Worker) -> None:
         # A worker that failed a task waits for this before taking another,
@@ -176,29 +221,65 @@ class TaskEvents:
             return
         self.ledger.move(task, TaskStatus.FAILED, elapsed, error=error, finished_at=time.time())
 
-    def _on_deadline(self, task_id: str, attempt: int) -> None:
-        task = self.ex._tasks.get(task_id)
+    def on_deadline(self, task_id: str, attempt: int) -> None:
+        task = self.tasks.get(task_id)
         if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING:
             return
-        w = self._worker_named(task.worker)
+        w = self.workers.named(task.worker)
         if w is not None:
-            self._doom(w, "timeout", (task_id, attempt))
+            self.kill(w, "timeout", (task_id, attempt))
+
+    # -- deaths --------------------------------------------------------------------
+
+    def on_death(self, w: Worker, exitcode: int | None) -> int:
+        """Settle the task a dead worker held; returns 1 if a task was lost with it."""
+        if w.killed_for is not None:
+            task = self.tasks.get(w.killed_for[0])
+            if task is not None and task.attempt == w.killed_for[1] and task.status not in TERMINAL:
+                self._finish_killed(task, w)
+            return 1
+        if w.kill_reason == "hung":
+            w.lease = None  # released when it was doomed; its task, if any, was put back then
+        if w.lease is not None:
+            return self._lost(w, w.lease, exitcode)
+        # It may have taken a task and died before saying so: the manager knows.
+        self.link.send(lambda q: q.release(w.key), lambda lease: self._lost(w, lease, exitcode, True))
+        return 0
+
+    def _lost(
+        self, w: Worker, lease: tuple[str, int] | None, exitcode: int | None, late: bool = False
+    ) -> int:
+        """Retry (or fail) the attempt a dead worker held; returns 1 if it was lost with it."""
+        if lease is None or lease in self.decoding:
+            return 0  # none, or it ended before the worker did (its outcome is being unpickled)
+        task = self.tasks.get(lease[0])
+        if task is None or task.attempt != lease[1] or task.status in TERMINAL:
+            return 0  # it finished before the worker ended
+        retries = self.cfg.max_retries + 1
+        error = WorkerLostError(
+            f"worker {w.name} (pid {w.pid}) {w.describe_exit(exitcode)} while running "
+            f"task {task.task_id} (attempt {task.attempt} of {retries})"
+        )
+        self._fail_attempt(task, w.name, error, retryable=True)
+        if late:
+            self.workers.count_lost(w.slot)
+        return 1
 
     def _finish_killed(self, task: Task, w: Worker) -> None:
         # Reported once the worker is dead, so "reported" means "really stopped".
-        where = f"worker {w.name} (pid {w.process.pid})"
-        if w.doom == "hung":
+        where = f"worker {w.name} (pid {w.pid})"
+        if w.kill_reason == "hung":
             lost = WorkerLostError(f"{where} {w.note} while running task {task.task_id}; it was killed")
             self._fail_attempt(task, w.name, lost, retryable=True)
             return
-        if w.doom == "memory":
+        if w.kill_reason == "memory":
             oom = WorkerMemoryError(f"{where} {w.note} while running task {task.task_id}; it was killed")
             self._fail_attempt(task, w.name, oom, retryable=False)
             return
         started = task.record.started_at
         error = TaskTimeoutError(
             f"task {task.task_id} exceeded its {task.timeout:g} s deadline; worker {w.name} "
-            f"(pid {w.process.pid}) and its process group were killed"
+            f"(pid {w.pid}) and its process group were killed"
         )
         elapsed = time.time() - started if started else None
         self.ledger.move(
@@ -213,17 +294,16 @@ class TaskEvents:
         answer does not wait for that (the manager may be frozen): the task is cancelled at
         once, and a worker found to hold it meanwhile is killed, as a running task's is.
         """
-        task = self.ex._tasks.get(task_id)
+        task = self.tasks.get(task_id)
         if task is None or task.status in TERMINAL:
             _answer(reply, False)  # it ended (and was let go) meanwhile
             return
         if task.status is TaskStatus.RUNNING:
             self._cancel_found(task, task.attempt, task.worker, kill, reply)
             return
-        outbox, queue, attempt = self.ex._outbox, self.queue, task.attempt
-        assert queue is not None
+        outbox, attempt = self._outbox(), task.attempt
 
-        def find() -> str | None:
+        def find(queue: Any) -> str | None:
             with outbox.flush_lock:  # the task is then either still in the outbox or in the queue
                 return "removed" if outbox.discard(task_id) else queue.cancel(task_id)
 
@@ -235,9 +315,9 @@ class TaskEvents:
 
     def _kill_late_holder(self, task_id: str, attempt: int, where: str | None) -> None:
         """A task cancelled while queued had been taken meanwhile: its worker is killed."""
-        w = None if where in (None, "removed") else self._worker_named(where)
+        w = None if where in (None, "removed") else self.workers.named(where)
         if w is not None and w.lease == (task_id, attempt):
-            self._doom(w, "cancel", (task_id, attempt))
+            self.kill(w, "cancel", (task_id, attempt))
 
     def _cancel_found(
         self, task: Task, attempt: int, where: str | None, kill: bool, reply: Future[bool] | None
@@ -253,24 +333,54 @@ class TaskEvents:
         if (task.task_id, attempt) in self.decoding:
             holder = None  # it has ended in its worker (its outcome is being unpickled): no kill
         if holder is not None:
-            w = self._worker_named(holder)
+            w = self.workers.named(holder)
             if w is not None:
-                self._doom(w, "cancel", (task.task_id, attempt))
+                self.kill(w, "cancel", (task.task_id, attempt))
         self.timers.discard(("deadline", task.task_id, attempt))
         error = TaskCancelledError(f"task {task.task_id} was cancelled")
         self.ledger.move(task, TaskStatus.CANCELLED, error=error, finished_at=time.time())
         _answer(reply, True)
 
-    def close(self, cancel_pending: bool) -> None:
-        """Stop taking work; end once every task is finished (on the supervisor thread)."""
-        self._closing = True
-        if cancel_pending:  # only what has not begun: a task a worker holds runs to its end
-            for task in list(self.ex._tasks.values()):
-                if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
-                    self.cancel(task.task_id, kill=False)
+    def cancel_pending(self) -> None:
+        """Cancel what has not begun: a task a worker holds runs to its end."""
+        for task in list(self.tasks.values()):
+            if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+                self.cancel(task.task_id, kill=False)
 
-    def _worker_named(self, name: str | None) -> Worker | None:
-        for w in self.workers.values():
-            if name in (w.name, w.key):
-                return w
-        return None
+    # -- remote slots' links ---------------------------------------------------------
+
+    def _answer_started(self, w: Worker, task: Task | None) -> None:
+        """Tell a link the deadline of the task it started, or None to skip it (it ended meanwhile)."""
+        try:
+            w.conn.send(None if task is None else task.timeout)
+        except OSError:
+            pass  # it died meanwhile; its pidfd tells the rest
+
+    def _on_remote_end(self, w: Worker, message: tuple[Any, ...]) -> None:
+        """A task that the agent killed at its deadline ("timedout") or whose process died ("lost")."""
+        kind, task_id, attempt, elapsed, detail = message
+        w.lease = None
+        task = self.tasks.get(task_id)
+        live = task is not None and task.attempt == attempt and task.status is TaskStatus.RUNNING
+        if live and w.counts:
+            assert task is not None and w.host is not None
+            self.timers.discard(("deadline", task_id, attempt))
+            where = f"{w.name} on {w.host.address}"
+            if kind == "timedout":
+                how = "SIGKILL after SIGTERM" if detail else "SIGTERM"
+                timed_out = TaskTimeoutError(
+                    f"task {task_id} exceeded its {task.timeout:g} s deadline; its process group on "
+                    f"{where} was killed ({how})"
+                )
+                end = time.time()
+                self.ledger.move(
+                    task, TaskStatus.CANCELLED, error=timed_out, finished_at=end, execution_time=elapsed
+                )
+            else:
+                retries = self.cfg.max_retries + 1
+                error = WorkerLostError(
+                    f"the worker process of {where} {detail} while running task {task_id} "
+                    f"(attempt {attempt} of {retries})"
+                )
+                self._fail_attempt(task, w.name, error, retryable=True)
+        self.link.send(lambda _: None, lambda _: self._go_ahead(w))  # after any retry's put

@@ -30,7 +30,7 @@ from ._payload import dump_call, dump_function
 from ._remote.api import RemoteWorkers
 from ._snapshot import read_snapshot
 from ._states import TERMINAL, TaskPriority, TaskStatus
-from ._supervisor import Supervisor
+from ._supervisor import Setup, Supervisor
 from ._task import Task, TaskFuture, TaskRecord
 
 __all__ = ("DistributedExecutor", "get_distributed_executor")
@@ -163,7 +163,12 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._callbacks = Callbacks()
         self._futures_lane = Lane("procpool-futures")
         self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
-        self._supervisor = Supervisor(self)
+        setup = Setup(
+            self._config, self._metrics, self._callbacks, self._tasks, self._futures_lane,
+            self._authkey, self._initializer, self._initargs, self._warm_up, self._after_task,
+            self._companion, lambda: self._remote_initializer, lambda: self._outbox, self._mark_broken,
+        )  # fmt: skip
+        self._supervisor = Supervisor(setup)
         self._supervisor.start()
         if not self._supervisor.ready.wait(_START_TIMEOUT) or self._supervisor.start_error:
             self._supervisor.join(_START_TIMEOUT)
@@ -302,7 +307,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             for (fn, _, _), payload in zip(items, payloads, strict=True):
                 seq = self._last_seq = next(self._seq)
                 task_id = f"task-{seq}"
-                future = TaskFuture(task_id, self, kills=not futures_api)
+                future = TaskFuture(task_id, self._cancel, kills=not futures_api)
                 tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now, futures_api))
             self._count_new(tasks)
             for task in tasks:

@@ -1,7 +1,9 @@
 """The supervisor's calls to the manager, made on a thread of their own.
 
-    supervisor ── send(call, then) ──▶ ManagerLink thread ── proxy call (blocks while the manager is frozen)
+    supervisor ── send(call, then) ──▶ ManagerLink thread ── call(queue) (blocks while the manager is frozen)
                ◀── supervisor.call(then(result)) ──┘
+
+It is the supervisor's one door to the manager: each call is given the queue proxy.
 
 The supervisor never waits on the manager: kills, death reports and deadlines
 go on while a call is stuck. Calls run in the order sent, so a retry's put
@@ -15,7 +17,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._queue import TaskQueueProxy
 
 __all__ = ("ManagerLink",)
 
@@ -24,19 +29,21 @@ log = logging.getLogger(__name__)
 _CLOSE_WAIT = 5.0  # seconds the pool's end waits for calls in flight (a frozen manager: not for ever)
 
 Then = Callable[[Any], object]
+Call = Callable[["TaskQueueProxy"], Any]
 
 
 class ManagerLink:
-    """Runs ``call()`` in order off the supervisor's thread; ``post`` brings each result back."""
+    """Runs ``call(queue)`` in order off the supervisor's thread; ``post`` brings each result back."""
 
-    def __init__(self, post: Callable[[Callable[[], None]], bool]) -> None:
+    def __init__(self, post: Callable[[Callable[[], None]], bool], queue_proxy: TaskQueueProxy) -> None:
         self._post = post  # Supervisor.call: runs a function on the supervisor thread soon
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Then | None] | None] = queue.SimpleQueue()
+        self._queue = queue_proxy
+        self._calls: queue.SimpleQueue[tuple[Call, Then | None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="procpool-manager-link", daemon=True)
         self._thread.start()
 
-    def send(self, call: Callable[[], Any], then: Then | None = None) -> None:
-        """Run ``call()`` on the link's thread; then ``then(result)`` on the supervisor's."""
+    def send(self, call: Call, then: Then | None = None) -> None:
+        """Run ``call(queue)`` on the link's thread; then ``then(result)`` on the supervisor's."""
         self._calls.put((call, then))
 
     def close(self) -> None:
@@ -48,7 +55,7 @@ class ManagerLink:
         while (item := self._calls.get()) is not None:
             call, then = item
             try:
-                result = call()
+                result = call(self._queue)
             except (OSError, EOFError):
                 result = None  # the manager is gone
             except Exception:

@@ -1,10 +1,11 @@
-"""Task priorities and the task state machine: one enum, one table, one function."""
+"""Task priorities and the two state machines (tasks, workers): an enum, a table, one ``advance``."""
 
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
-__all__ = ("TaskPriority", "TaskStatus", "advance", "TERMINAL")
+__all__ = ("TaskPriority", "TaskStatus", "WorkerState", "advance", "TERMINAL")
 
 
 class TaskPriority(enum.IntEnum):
@@ -40,12 +41,40 @@ _ALLOWED: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
-def advance(current: TaskStatus, new: TaskStatus) -> TaskStatus:
+class WorkerState(enum.StrEnum):
+    """Where a worker process is in its life, as the supervisor sees it. GONE is sticky."""
+
+    ACTIVE = "active"  # takes tasks from the queue
+    RETIRING = "retiring"  # takes no more (memory recycling, host removal): ends after its current task
+    # Being killed for a task attempt whose "started" message is not read yet: what it
+    # says before that is about tasks it ran to the end, and still counts.
+    DOOMED = "doomed"
+    FENCED = "fenced"  # being killed; nothing it says counts any more
+    GONE = "gone"  # exited, reaped and forgotten
+
+
+_W = WorkerState
+_WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    _W.ACTIVE: frozenset({_W.RETIRING, _W.DOOMED, _W.FENCED, _W.GONE}),
+    _W.RETIRING: frozenset({_W.DOOMED, _W.FENCED, _W.GONE}),
+    _W.DOOMED: frozenset({_W.FENCED, _W.GONE}),
+    _W.FENCED: frozenset({_W.GONE}),
+    _W.GONE: frozenset(),
+}
+
+_State = TypeVar("_State", TaskStatus, WorkerState)
+
+
+def advance(current: _State, new: _State) -> _State:
     """Return ``new`` if the move is allowed; an illegal move is a bug and raises.
 
     PENDING -> RETRYING happens when a worker dies after taking a task but
     before the supervisor heard that it started.
     """
-    if new not in _ALLOWED[current]:
-        raise AssertionError(f"illegal task transition {current.name} -> {new.name}")
+    allowed: frozenset[_State] = (
+        _ALLOWED[current] if isinstance(current, TaskStatus) else _WORKER_MOVES[current]  # type: ignore[assignment]
+    )
+    if new not in allowed:
+        kind = "task" if isinstance(current, TaskStatus) else "worker"
+        raise AssertionError(f"illegal {kind} transition {current.name} -> {new.name}")
     return new

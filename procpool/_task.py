@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
 from concurrent.futures._base import FINISHED as _FINISHED
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from ._states import TaskPriority, TaskStatus
-
-if TYPE_CHECKING:
-    from ._executor import DistributedExecutor
 
 __all__ = ("TaskFuture", "TaskRecord")
 
@@ -54,20 +52,20 @@ class TaskFuture(Future[Any]):
     has started.
     """
 
-    def __init__(self, task_id: str, executor: DistributedExecutor, kills: bool = True) -> None:
+    def __init__(self, task_id: str, cancel: Callable[[str, bool], bool], kills: bool = True) -> None:
         super().__init__()
         self.task_id = task_id
-        self._executor_ref = weakref.ref(executor)
+        self._cancel_ref = weakref.WeakMethod(cancel)  # the executor's _cancel
         self._kills = kills
 
     def cancel(self) -> bool:
         """Cancel the task; returns False if it had already finished (or started, with ``kills=False``)."""
-        executor = self._executor_ref()
-        if executor is None or self.done():
+        cancel = self._cancel_ref()
+        if cancel is None or self.done():
             return super().cancel()
         if not self._kills and self.running():
             return False
-        if not executor._cancel(self.task_id, kill=self._kills):
+        if not cancel(self.task_id, self._kills):
             return False
         self._mark_cancelled()  # at once: cancelled() is true when this returns
         return True

@@ -1,6 +1,6 @@
 """``python -m stress [SCENARIO] [options]``.
 
-Scenarios: demo (the default), chaos, soak, compare, overhead, browsers, remote.
+Scenarios: demo (the default), chaos, hostile, soak, compare, overhead, browsers, remote.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "chaos", "soak", "compare", "overhead", "browsers", "remote")
+SCENARIOS = ("demo", "chaos", "hostile", "soak", "compare", "overhead", "browsers", "remote")
 
 
 def main(argv: list[str]) -> int:

@@ -95,3 +95,48 @@ def fork_and_return(value: object) -> object:
 
 def huge(megabytes: int) -> bytes:
     return b"x" * (megabytes << 20)
+
+
+def hang_marked(marker: str) -> None:
+    """Write the wall-clock time this attempt began to ``marker``, then hang (a deadline probe)."""
+    with open(marker + ".tmp", "w") as f:
+        f.write(repr(time.time()))
+    os.replace(marker + ".tmp", marker)
+    hang()
+
+
+def daemon_then_die_at(pid_dir: str, marker: str) -> None:
+    """Leave a daemon holding this worker's fds, record the monotonic time, then SIGKILL the worker."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+                pass
+            time.sleep(3600)
+        os._exit(0)
+    while not os.listdir(pid_dir):
+        time.sleep(0.001)
+    kill_self_at(marker)
+
+
+def slow_to_unpickle(seconds: float) -> object:
+    """A result whose unpickling, in the caller, takes ``seconds``."""
+    return _SlowToUnpickle(seconds)
+
+
+def _rebuild(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slow"
+
+
+class _SlowToUnpickle:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[object, tuple[float]]:
+        return _rebuild, (self.seconds,)
+
+
+def hold_gil(seconds: float) -> int:
+    """One C call that never lets the GIL go for about ``seconds`` (its heartbeat thread falls silent)."""
+    return sum(range(int(seconds * 4e7)))

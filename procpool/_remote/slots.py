@@ -1,6 +1,7 @@
 """Remote hosts in the supervisor: their slots, link processes, reconnection and removal.
 
-Mixed into the Supervisor and run on its thread only, like the rest of it.
+Run on the supervisor thread only. It owns which slot belongs to which host;
+the processes themselves are the worker set's, started through ``spawn``.
 Slots ``max_local_workers`` and up of the metrics block belong to remote
 hosts; a removed host's slots are reused by the next host added.
 """
@@ -10,23 +11,16 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
 
-from .._errors import TaskTimeoutError, WorkerLostError
+from .._config import Config
 from .._health import heartbeat_interval
-from .._states import TaskStatus
+from .._scheduling import Timers
+from .._workers import Worker, WorkerSet
 from .hosts import RemoteHost
 from .link import LinkSpec, run_link
-
-if TYPE_CHECKING:
-    from .._config import Config
-    from .._executor import DistributedExecutor
-    from .._ledger import Ledger
-    from .._metrics import MetricsBlock
-    from .._queue import QueueManager
-    from .._scheduling import Timers
-    from .._task import Task
 
 __all__ = ("RemoteSlots", "backoff")
 
@@ -42,24 +36,18 @@ def backoff(failures: int, cap: float) -> float:
 
 
 class RemoteSlots:
-    """The remote part of the supervisor; see the module docstring."""
+    """Remote hosts' slots; see the module docstring."""
 
-    if TYPE_CHECKING:
-        cfg: Config
-        ex: DistributedExecutor
-        metrics: MetricsBlock
-        ledger: Ledger
-        manager: QueueManager | None
-        timers: Timers
-        workers: dict[int, Any]
-
-        def _publish_slot(
-            self, slot: int, name: str, pid: int, active: bool, lost: int = 0, healthy: bool = True
-        ) -> None: ...
-        def _retire(self, key: str) -> None: ...
-        def _fail_attempt(self, task: Task, worker: str, error: BaseException, retryable: bool) -> None: ...
-
-    def _init_remote(self) -> None:
+    def __init__(
+        self, cfg: Config, workers: WorkerSet, timers: Timers, spawn: Callable[[int], None],
+        retire: Callable[[Worker], None], link_setup: tuple[bytes, str, Callable[[], bytes | None]],
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.workers = workers
+        self.timers = timers
+        self._spawn = spawn
+        self._retire = retire
+        self._authkey, self._metrics_name, self._initializer = link_setup
         self.hosts: dict[int, RemoteHost] = {}  # slot -> its host, for every remote slot in use
         self.host_names: dict[str, str] = {}  # worker name -> "host:port"; replaced whole, read by get_stats
         self._removals: dict[str, concurrent.futures.Future[None]] = {}  # address -> done when drained
@@ -87,7 +75,7 @@ class RemoteSlots:
             self.hosts[slot] = host
         self.host_names = {**self.host_names, **{self.remote_name(s): host.address for s in slots}}
         for slot in slots:
-            self._spawn(slot)  # type: ignore[attr-defined]
+            self._spawn(slot)
         log.info("remote host %s added with %d slots", host.address, host.slots)
         result.set_result([self.remote_name(s) for s in slots])
 
@@ -101,22 +89,21 @@ class RemoteSlots:
         for slot in slots:
             w = self.workers.get(slot)
             if w is None:
-                self._drop_slot(slot)  # between reconnection attempts
+                self.drop(slot)  # between reconnection attempts
             else:
-                w.recycling = True
-                self._retire(w.key)
+                self._retire(w)
 
-    def _end_remote(self) -> None:
+    def end(self) -> None:
         """The pool ended: every removal still draining is done."""
         for result in self._removals.values():
             result.set_result(None)
         self._removals.clear()
 
-    def _removing(self, slot: int) -> bool:
+    def removing(self, slot: int) -> bool:
         host = self.hosts.get(slot)
         return host is not None and host.address in self._removals
 
-    def _drop_slot(self, slot: int) -> None:
+    def drop(self, slot: int) -> None:
         host = self.hosts.pop(slot)
         self.timers.discard(("respawn", slot))
         names = dict(self.host_names)
@@ -126,52 +113,13 @@ class RemoteSlots:
             log.info("remote host %s removed", host.address)
             self._removals.pop(host.address).set_result(None)
 
-    def _link_process(self, slot: int, host: RemoteHost, key: str, writer: Any) -> Any:
-        assert self.manager is not None
+    def link_process(self, slot: int, host: RemoteHost, key: str, writer: Connection, address: Any) -> Any:
+        """The local link process of a remote slot (not started); ``address``: the manager's."""
         silence = min(host.heartbeat_timeout, self.cfg.heartbeat_timeout or host.heartbeat_timeout)
         beat = heartbeat_interval(silence)
         spec = LinkSpec(
-            key, slot, self.manager.address, self.ex._authkey, writer, self.metrics.name,
+            key, slot, address, self._authkey, writer, self._metrics_name,
             self.cfg.max_tasks_per_worker, os.getpid(), host, self.cfg.kill_grace,
-            self.cfg.memory_sample_interval, self.ex._remote_initializer, beat,
+            self.cfg.memory_sample_interval, self._initializer(), beat,
         )  # fmt: skip
         return self.cfg.context.Process(target=run_link, args=(spec,), name=self.remote_name(slot))
-
-    def _answer_started(self, w: Any, task: Task | None) -> None:
-        """Tell a link the deadline of the task it started, or None to skip it (it ended meanwhile)."""
-        try:
-            w.conn.send(None if task is None else task.timeout)
-        except OSError:
-            pass  # it died meanwhile; its sentinel tells the rest
-
-    def _on_remote_end(self, w: Any, message: tuple[Any, ...]) -> None:
-        """A task that the agent killed at its deadline ("timedout") or whose process died ("lost")."""
-        kind, task_id, attempt, elapsed, detail = message
-        w.lease = None
-        task = self.ex._tasks.get(task_id)
-        live = task is not None and task.attempt == attempt and task.status is TaskStatus.RUNNING
-        if live and not w.fenced:
-            assert task is not None
-            self.timers.discard(("deadline", task_id, attempt))
-            where = f"{w.name} on {w.host.address}"
-            if kind == "timedout":
-                how = "SIGKILL after SIGTERM" if detail else "SIGTERM"
-                timed_out = TaskTimeoutError(
-                    f"task {task_id} exceeded its {task.timeout:g} s deadline; its process group on "
-                    f"{where} was killed ({how})"
-                )
-                end = time.time()
-                self.ledger.move(
-                    task, TaskStatus.CANCELLED, error=timed_out, finished_at=end, execution_time=elapsed
-                )
-            else:
-                retries = self.cfg.max_retries + 1
-                error = WorkerLostError(
-                    f"the worker process of {where} {detail} while running task {task_id} "
-                    f"(attempt {attempt} of {retries})"
-                )
-                self._fail_attempt(task, w.name, error, retryable=True)
-        try:
-            w.conn.send(True)  # go ahead: any retry is queued
-        except OSError:
-            pass

@@ -339,7 +339,7 @@ def test_a_queued_task_is_cancelled_at_once_under_a_frozen_manager(
     finally:
         os.kill(manager, signal.SIGCONT)
     reached = threading.Event()  # calls to the manager run in order: the queue's cancel is done
-    executor._supervisor.link.send(reached.set)
+    executor._supervisor.events.link.send(lambda _queue: reached.set())  # type: ignore[union-attr]
     assert reached.wait(10)
     gate.write_text("go")  # only now is the worker free to take a task
     assert executor.get_task_result(busy, timeout=20) == str(gate)

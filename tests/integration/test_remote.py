@@ -252,7 +252,7 @@ def test_wrong_key_fails_fast_and_no_credential_is_shown(
     assert secret_path not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__  # paramiko's error is not shown
     names = add(executor, hosts[0], credentials={**hosts[0].credentials, "passphrase": "hunter2"})
-    shown = f"{caplog.text} {executor!r} {executor.get_stats()} {executor._supervisor.hosts!r}"
+    shown = f"{caplog.text} {executor!r} {executor.get_stats()} {executor._supervisor.remote.hosts!r}"
     assert names[0] in shown and "root" in shown
     for secret in (secret_path, hosts[0].credentials["key"], "hunter2"):
         assert secret not in shown

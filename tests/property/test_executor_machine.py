@@ -1,16 +1,23 @@
-"""Hypothesis stateful test: submit, batch, cancel, worker kills and timeouts, mixed.
+"""Hypothesis stateful test: submit, batch, cancel, worker kills, frozen workers and hostile tasks.
 
-Invariants checked (DESIGN.md): stats add up after every step; in the end
-every task is in exactly one terminal state, reported exactly once.
+Hostile tasks fork the worker and return in both processes, or leave a
+double-forked daemon in a session of its own (then return, or hang to their
+deadline). Invariants checked (DESIGN.md): stats add up after every step; in
+the end every task is in exactly one terminal state, reported exactly once,
+and no process a task started outlives the pool.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import faults
+from conftest import pid_alive, wait_until
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -24,16 +31,22 @@ KINDS = {
     "die": (faults.kill_self, (), None),
     "hang": (faults.hang, (), 0.2),
     "slow": (faults.sleep_then, (0.05, 1), None),
+    "fork": (faults.fork_and_return, (7,), None),
+    "daemon": (faults.daemon_then_return, (), None),  # its pid file is added at submission
+    "daemon_hang": (faults.daemon_then_hang, (), 0.3),
 }
+DAEMONS = ("daemon", "daemon_hang")
 PARTS = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
 
 
 class ExecutorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        # heartbeat_timeout=1: a frozen worker is found hung and replaced within about 2 s.
         self.executor = DistributedExecutor(
-            max_local_workers=2, task_timeout=20, max_retries=1, kill_grace=0.2
+            max_local_workers=2, task_timeout=20, max_retries=1, kill_grace=0.2, heartbeat_timeout=1.0
         )
+        self.tmp = Path(tempfile.mkdtemp(prefix="procpool-machine-"))
         self.kinds: dict[str, str] = {}
         self.cancelled: set[str] = set()
         self.terminal_events: Counter[str] = Counter()
@@ -47,6 +60,8 @@ class ExecutorMachine(RuleBasedStateMachine):
     @rule(kind=st.sampled_from(sorted(KINDS)), priority=st.sampled_from(list(TaskPriority)))
     def submit(self, kind: str, priority: TaskPriority) -> None:
         fn, args, timeout = KINDS[kind]
+        if kind in DAEMONS:
+            args = (str(self.tmp / f"daemon-{len(self.kinds)}"),)
         task_id = self.executor.submit_task(fn, args, priority=priority, timeout=timeout)
         self.kinds[task_id] = kind
         self.steps.append(("submit", task_id, kind))
@@ -76,6 +91,17 @@ class ExecutorMachine(RuleBasedStateMachine):
             except ProcessLookupError:
                 pass
 
+    @rule(slot=st.integers(0, 1))
+    def freeze_worker(self, slot: int) -> None:
+        """SIGSTOP a worker and leave it stopped: it must be found hung, killed and replaced."""
+        pid = self.executor.get_stats()["workers"][f"local-worker-{slot}"]["pid"]
+        self.steps.append(("freeze", slot, pid))
+        if pid > 0:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+
     @invariant()
     def stats_add_up(self) -> None:
         stats = self.executor.get_stats()
@@ -84,12 +110,20 @@ class ExecutorMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            self._check_the_end()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _check_the_end(self) -> None:
+        try:
             self.executor.wait_for_tasks(list(self.kinds), timeout=30)
         except TimeoutError:
             stuck = [self.executor.get_task(t) for t in self.kinds if not self.executor.get_task(t).done]
             self.executor.shutdown(wait=False, cancel_futures=True)  # it cannot end with a task lost
             raise AssertionError(f"tasks never ended: {stuck}; steps: {self.steps}") from None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        daemons = [int(p.read_text()) for p in self.tmp.glob("daemon-*")]
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in daemons), 5), (daemons, self.steps)
         for task_id, kind in self.kinds.items():
             record = self.executor.get_task(task_id)
             assert record.status in TERMINAL
@@ -98,7 +132,7 @@ class ExecutorMachine(RuleBasedStateMachine):
             lost = record.status is TaskStatus.FAILED and isinstance(record.error, WorkerLostError)
             if task_id in self.cancelled:
                 assert record.status is TaskStatus.CANCELLED, record
-            elif kind == "hang":
+            elif kind in ("hang", "daemon_hang"):
                 assert record.status is TaskStatus.CANCELLED or lost, record
             elif kind in ("raise", "die"):
                 assert record.status is TaskStatus.FAILED, record

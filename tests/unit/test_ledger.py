@@ -18,6 +18,12 @@ from procpool._task import Task, TaskFuture
 class NoExecutor:
     """Stands in for the executor a TaskFuture refers to (never called here)."""
 
+    def cancel(self, task_id: str, kill: bool) -> bool:
+        raise AssertionError("not called in these tests")
+
+
+EXECUTOR = NoExecutor()
+
 
 class FakeCallbacks(Callbacks):
     def __init__(self) -> None:
@@ -38,7 +44,7 @@ def ledger() -> Iterator[Ledger]:
 
 
 def new_task(ledger: Ledger, priority: TaskPriority = TaskPriority.HIGH) -> Task:
-    task = Task("task-1", priority, 1, "f", b"", 5.0, TaskFuture("task-1", NoExecutor()), 0.0)  # type: ignore[arg-type]
+    task = Task("task-1", priority, 1, "f", b"", 5.0, TaskFuture("task-1", EXECUTOR.cancel), 0.0)
     counters = ledger.metrics.counters
     counters.total += 1
     counters.states[0] += 1
