@@ -25,6 +25,7 @@ from ._errors import RemoteTaskError, TaskCancelledError, TaskTimeoutError, Work
 from ._ledger import Ledger, rebuild_error
 from ._manager_link import ManagerLink
 from ._outbox import Outbox
+from ._payload import loads_gently
 from ._remote.slots import DEADLINE_MARGIN
 from ._scheduling import Timers, should_retry
 from ._states import TERMINAL, TaskStatus
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 # (None, numbers, strings, containers of them): it is unpickled on the spot, at no risk.
 _CODE_OPCODES = b"c\x93Rbio\x81\x92\x82\x83\x84PQ"
 _PLAIN_MAX = 4096  # bytes; larger results go to the decoder lane whatever they hold
+_GENTLE = 1 << 20  # bytes; a result this big is unpickled a slice at a time (see _payload)
 
 
 def _plain(blob: bytes | None) -> bool:
@@ -56,7 +58,7 @@ def _decode(item: tuple[TaskEvents, Worker, Task, tuple[Any, ...]]) -> None:
     outcome: tuple[str, Any]
     if ok:
         try:
-            outcome = ("value", cloudpickle.loads(blob))
+            outcome = ("value", cloudpickle.loads(blob) if len(blob) < _GENTLE else loads_gently(blob))
         except BaseException as exc:  # noqa: BLE001 - the task's failure, not ours
             why = f"the result could not be unpickled: {exc}"
             outcome = ("bad", RemoteTaskError(type(exc).__name__, why, ""))

@@ -163,12 +163,14 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._callbacks = Callbacks()
         self._futures_lane = Lane("procpool-futures")
         self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
+        me = weakref.ref(self)  # the supervisor holds this executor only while it runs (see Setup)
         setup = Setup(
             self._config, self._metrics, self._callbacks, self._tasks, self._futures_lane,
             self._authkey, self._initializer, self._initargs, self._warm_up, self._after_task,
-            self._companion, lambda: self._remote_initializer, lambda: self._outbox, self._mark_broken,
+            self._companion, lambda: me()._remote_initializer, lambda: me()._outbox,  # type: ignore[union-attr]
+            lambda error: me()._mark_broken(error),  # type: ignore[union-attr]
         )  # fmt: skip
-        self._supervisor = Supervisor(setup)
+        self._supervisor = Supervisor(setup, owner=self)
         self._supervisor.start()
         if not self._supervisor.ready.wait(_START_TIMEOUT) or self._supervisor.start_error:
             self._supervisor.join(_START_TIMEOUT)

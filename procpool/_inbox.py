@@ -7,14 +7,20 @@ A worker frozen (SIGSTOP) halfway through a message leaves half a frame here,
 and the supervisor goes on with everything else. A large frame (a result of
 many megabytes) is read straight into a buffer of its own size, a bounded
 amount per call, so timers fire between the reads and nothing is copied twice.
+That buffer is an anonymous mmap: its pages are zeroed by the kernel as the
+reads fill them, with the GIL released (``bytearray(size)`` would zero all
+300 MB of a big result at once, holding the supervisor thread up for 0.5 s).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 
-__all__ = ("Inbox",)
+__all__ = ("Frame", "Inbox")
+
+Frame = bytearray | mmap.mmap  # a message as it came: small ones in a bytearray, big ones in an mmap
 
 _CHUNK = 1 << 20  # bytes asked of the socket per read
 _PER_CALL = 8 << 20  # bytes read per call at most, so one huge result cannot hold the loop up
@@ -28,13 +34,13 @@ class Inbox:
         os.set_blocking(fd, False)
         self._fd = fd
         self._buf = bytearray()  # the start of the next frame(s)
-        self._big: bytearray | None = None  # a large frame being filled
+        self._big: mmap.mmap | None = None  # a large frame being filled
         self._filled = 0
         self.closed = False  # the worker's end is closed (it exited)
 
-    def read(self) -> list[bytearray]:
+    def read(self) -> list[Frame]:
         """The frames completed by what can be read now (never blocks)."""
-        frames: list[bytearray] = []
+        frames: list[Frame] = []
         budget = _PER_CALL
         while budget > 0 and not self.closed:
             if self._big is not None:
@@ -77,7 +83,7 @@ class Inbox:
         self._filled += got
         return got
 
-    def _split(self, frames: list[bytearray]) -> None:
+    def _split(self, frames: list[Frame]) -> None:
         """Move each complete frame out of the buffer; start a big one if its length says so."""
         buf = self._buf
         start = 0
@@ -95,7 +101,7 @@ class Inbox:
                 start = body + size
                 continue
             if size >= _BIG:  # the rest of it goes straight into a buffer of its own
-                self._big = bytearray(size)
+                self._big = mmap.mmap(-1, size)
                 have = len(buf) - body
                 self._big[:have] = buf[body:]
                 self._filled = have

@@ -48,10 +48,12 @@ from ._config import Config
 from ._errors import BrokenPoolError
 from ._events import TaskEvents
 from ._health import heartbeat_interval
+from ._inbox import Frame
 from ._ledger import Ledger
 from ._manager_link import ManagerLink
 from ._metrics import MetricsBlock
 from ._outbox import Outbox
+from ._payload import loads_gently
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.slots import RemoteSlots, backoff
@@ -66,7 +68,6 @@ __all__ = ("Setup", "Supervisor")
 log = logging.getLogger(__name__)
 
 _EXIT_WAIT = 5.0  # seconds idle workers get to exit on their own at shutdown
-_REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _BIG_FRAME = 1 << 20  # bytes; a message this long (a big result) is unpickled off this thread
 # seconds; the longest single wait of the loop: epoll takes at most ~24.8 days in milliseconds,
 # and a deadline that far off (timeout=30 days) is simply waited for in steps.
@@ -78,7 +79,12 @@ _INIT_FAILURES_TO_BREAK = 3
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """What the executor hands its supervisor: settings, shared state and the user's hooks."""
+    """What the executor hands its supervisor: settings, shared state and the user's hooks.
+
+    Its calls reach the executor through a weak reference, and the supervisor holds the
+    executor itself only while it runs: once the pool has ended nothing here refers back
+    to it, so dropping an executor frees its results at once, with no cycle to collect.
+    """
 
     config: Config
     metrics: MetricsBlock
@@ -96,10 +102,10 @@ class Setup:
     mark_broken: Callable[[BrokenPoolError], list[Task]]  # refuses new tasks; the tasks known then
 
 
-def _unpickle_big(item: tuple[Supervisor, Worker, bytearray]) -> None:
+def _unpickle_big(item: tuple[Supervisor, Worker, Frame]) -> None:
     # On the decoder lane: unpickling the frame of a huge result copies it once more.
     supervisor, w, frame = item
-    message = pickle.loads(frame)
+    message = loads_gently(frame)
     del item, frame
     supervisor.call(lambda: supervisor._on_big(w, message))
 
@@ -107,9 +113,10 @@ def _unpickle_big(item: tuple[Supervisor, Worker, bytearray]) -> None:
 class Supervisor(threading.Thread):
     """Owns workers, deadlines and task state; see the module docstring."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, owner: object) -> None:
         super().__init__(name="procpool-supervisor", daemon=True)
         self.setup = setup
+        self._owner: object = owner  # kept alive while the pool runs; let go once it has ended
         self.cfg = cfg = setup.config
         self.ready = threading.Event()
         self.start_error: BaseException | None = None
@@ -168,6 +175,7 @@ class Supervisor(threading.Thread):
             self.start_error = exc
             self.ready.set()
             self._teardown()
+            self._owner = None
             return
         self.ready.set()
         self.health.arm(time.monotonic())
@@ -178,6 +186,7 @@ class Supervisor(threading.Thread):
             self._fail_all(BrokenPoolError("the procpool supervisor thread crashed; see the log"))
         finally:
             self._teardown()
+            self._owner = None
 
     def _loop(self) -> None:
         assert self.manager is not None
@@ -282,36 +291,51 @@ class Supervisor(threading.Thread):
 
     def _drain(self, w: Worker) -> None:
         """Handle the frames that have arrived from ``w``, in order; never blocks."""
-        assert self.events is not None
         for frame in w.inbox.read():
-            if w.backlog or len(frame) >= _BIG_FRAME:
-                w.backlog.append(frame)  # after a big one, in order
-                if len(w.backlog) == 1:
-                    self.events.decoder.put(_unpickle_big, (self, w, frame))
-                continue
-            self.events.on_message(w, pickle.loads(frame))
+            if w.backlog:
+                w.backlog.append(frame)  # behind a big message being unpickled: in order
+            else:
+                self._take(w, frame)
+
+    def _take(self, w: Worker, frame: Frame) -> None:
+        """One frame: the raw result a "done" said follows, a small message, or a big one."""
+        assert self.events is not None
+        if w.result_head is not None:
+            head, w.result_head = w.result_head, None
+            self.events.on_message(w, (*head[:6], frame, *head[7:]))
+        elif len(frame) >= _BIG_FRAME:
+            w.backlog.append(frame)
+            self.events.decoder.put(_unpickle_big, (self, w, frame))
+        else:
+            self._handle(w, pickle.loads(frame))
+
+    def _handle(self, w: Worker, message: tuple[Any, ...]) -> None:
+        assert self.events is not None
+        if message[0] == "done" and isinstance(message[6], int):
+            w.result_head = message  # its result (or error) follows as a raw frame of its own
+        else:
+            self.events.on_message(w, message)
 
     def _on_big(self, w: Worker, message: tuple[Any, ...]) -> None:
-        """A big frame was unpickled off this thread: handle it, then what waited behind it."""
+        """A big message was unpickled off this thread: handle it, then what waited behind it."""
         assert self.events is not None
         if w.state is WorkerState.GONE and message[0] != "done":
             return
         w.backlog.pop(0)
-        self.events.on_message(w, message)
+        self._handle(w, message)
         while w.backlog:
             frame = w.backlog[0]
-            if len(frame) >= _BIG_FRAME:
+            if w.result_head is None and len(frame) >= _BIG_FRAME:
                 self.events.decoder.put(_unpickle_big, (self, w, frame))
                 return
             w.backlog.pop(0)
-            self.events.on_message(w, pickle.loads(frame))
+            self._take(w, frame)
 
     def _reap(self, w: Worker) -> None:
         """A worker process ended: account for its task, sweep what it left, replace it."""
         assert self.events is not None
+        exitcode = self.workers.reap(w, 0)  # it has exited (its pidfd said so): reaped at once
         self.workers.forget(w)
-        w.process.join(_REAP_WAIT)  # it has exited (its pidfd said so): this reaps it at once
-        exitcode = w.process.exitcode
         self.workers.bury(w)  # whatever it left behind, however detached
         self.timers.discard(("kill", w.slot, w.pid))
         lost = self.events.on_death(w, exitcode)

@@ -37,6 +37,7 @@ from ._queue import STOP, TaskQueueProxy, connect_queue
 __all__ = ("Done", "Started", "WorkerSpec", "companion_info", "run_worker")
 
 IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
+RAW_AFTER = 1 << 20  # bytes; a result this big is sent as a raw frame after its message (send_outcome)
 log = logging.getLogger(__name__)
 _here: tuple[TaskQueueProxy, int] | None = None  # this worker's queue and slot, once serving
 _loop: asyncio.AbstractEventLoop | None = None
@@ -125,8 +126,10 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
         if spec.after_task is not None:  # before the result: the next task may need what it tidies
             _companion_hook(spec.after_task, "after-task hook")
         slot.finished(message[3], message[5])  # before the result: a caller that has it sees the counts
-        spec.conn.send(message)
-        if not message[3]:
+        send_outcome(spec.conn, message)
+        ok = message[3]
+        del item, payload, message  # the last result is not kept while the next task runs
+        if not ok:
             spec.conn.recv()  # the supervisor has queued any retry: take the next task now
         done += 1
 
@@ -183,6 +186,21 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
             error = RemoteTaskError(_type_name(exc), text, tb)
             blob, exc = _dumps(error), error
         return ("done", task_id, attempt, False, False, elapsed, blob, _type_name(exc), text, tb)
+
+
+def send_outcome(conn: Connection, message: Done) -> None:
+    """Send a "done" message; a big result (or error) follows it as a raw frame of its own.
+
+    The supervisor then reads the head in order at once, and only the result's own
+    bytes go to its decoder: a "started" that comes after a 300 MB result need not
+    wait for that result to be unpickled.
+    """
+    blob = message[6]
+    if blob is None or len(blob) < RAW_AFTER:
+        conn.send(message)
+        return
+    conn.send((*message[:6], len(blob), *message[7:]))  # an int where the blob was: it follows
+    conn.send_bytes(blob)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:

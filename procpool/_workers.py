@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import selectors
 import signal
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from ._config import Config
 from ._containment import Jail, Jails
-from ._inbox import Inbox
+from ._inbox import Frame, Inbox
 from ._metrics import MetricsBlock
 from ._remote.hosts import RemoteHost
 from ._remote.link import describe_link_exit
@@ -37,6 +38,7 @@ __all__ = ("Worker", "WorkerSet")
 log = logging.getLogger("procpool._supervisor")
 
 _RESPAWN_BACKOFF_MAX = 2.0  # seconds; cap for workers that keep dying at start-up
+_REAP_WAIT = 1.0  # seconds; bounds a wait that normally takes microseconds
 _STOPPING = (WorkerState.DOOMED, WorkerState.FENCED)
 
 
@@ -62,7 +64,8 @@ class Worker:
     spawned: float = 0.0  # monotonic
     over_threshold: bool = False  # above memory_threshold_mb at the last check (warned once)
     ran_any: bool = False  # it reported at least one task (for the respawn backoff)
-    backlog: list[bytearray] = field(default_factory=list)  # frames that wait for a big one to decode
+    backlog: list[Frame] = field(default_factory=list)  # frames that wait for a big one to decode
+    result_head: tuple[Any, ...] | None = None  # a "done" whose result follows as a raw frame
     alive_at: float = 0.0  # monotonic: its start, or when its CPU time last grew while silent
     cpu_ticks: int = -1  # its CPU time (clock ticks) at the last look; -1 before the first
     state_seen: str = "wedged"  # what /proc said of it at the last look
@@ -187,6 +190,21 @@ class WorkerSet:
             log.warning("worker %s (pid %d) ignored SIGTERM for %.2f s; sending SIGKILL", w.name, pid, grace)
             w.jail.kill()
 
+    def reap(self, w: Worker, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for ``w`` to exit, and reap it: its exit code (None: it runs on).
+
+        The wait is on its pidfd. ``Process.join(timeout)`` waits on a sentinel pipe that
+        a daemon the task left, holding the worker's fds, keeps open: join would then wait
+        out its whole timeout (a death reported a second late).
+        """
+        if not select.select([w.pidfd], [], [], timeout)[0]:
+            return None
+        code: int | None = w.process._popen.poll(os.WNOHANG)  # a zombie now: this does not wait
+        if code is None:  # under forkserver the server tells the code, over its own socket
+            w.process.join(_REAP_WAIT)
+            code = w.process.exitcode
+        return code
+
     def forget(self, w: Worker) -> None:
         """Stop watching ``w``, which has exited."""
         del self._by_slot[w.slot]
@@ -220,8 +238,7 @@ class WorkerSet:
     def stop(self, w: Worker) -> None:
         """The stop ladder at teardown: SIGTERM to all it holds, ``kill_grace``, SIGKILL, reap."""
         w.jail.signal(signal.SIGTERM)
-        w.process.join(self.cfg.kill_grace)
-        if w.process.exitcode is None:
+        if self.reap(w, self.cfg.kill_grace) is None:
             log.warning("worker %s (pid %d) outlived SIGTERM by %.2f s; sending SIGKILL",
                         w.name, w.process.pid, self.cfg.kill_grace)  # fmt: skip
         self.bury(w)

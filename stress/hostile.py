@@ -5,6 +5,10 @@
     probe (another worker) ── a task that records when it began, then hangs to its deadline
     lateness = probe's future done - (its start + timeout), p99 over --rounds per stressor
 
+Big results are collected as they come and not kept (``max_finished_tasks=0``): a
+caller that keeps gigabytes of results pays for it at every fork of a new worker
+(its page tables are copied with the GIL held; start_method="forkserver" avoids it).
+
 Then: a worker SIGKILLed while a daemon it left holds its fds (kill -> task reported),
 and the caller's memory per finished task over --tasks no-op tasks whose results are
 collected and dropped. Exit 1 on a p99 past --limit-ms, a GIL task run twice, growth
@@ -14,6 +18,7 @@ past --max-bytes per task, or anything left behind.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import tempfile
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="procpool-hostile-") as tmp:
         for name, stressor in STRESSORS.items():
+            gc.collect()  # the last stressor's pool and its results: each starts from a lean caller
             say(f"deadlines while {name} ...")
             p99 = 1000 * percentile(sorted(stressor(args.rounds, tmp)), 99)
             figures[f"deadline to reported, {name}, p99 (ms)"] = round(p99, 1)
@@ -105,7 +111,9 @@ def quiet(rounds: int, tmp: str) -> list[float]:
 def frozen_sender(rounds: int, tmp: str) -> list[float]:
     """Each round: a worker stopped (SIGSTOP) while it sends a 300 MB result."""
     samples = []
-    with DistributedExecutor(max_local_workers=2, max_retries=0, kill_grace=0.2, heartbeat_timeout=30) as ex:
+    with DistributedExecutor(
+        max_local_workers=2, max_retries=0, kill_grace=0.2, heartbeat_timeout=30, max_finished_tasks=0
+    ) as ex:
         for i in range(rounds):
             big = ex.submit_task(tasks.huge, (HUGE_MB,), timeout=120)
             while ex.get_task(big).worker is None:
@@ -124,16 +132,23 @@ def frozen_sender(rounds: int, tmp: str) -> list[float]:
 
 
 def flowing(fn: Callable[..., object], args: tuple[Any, ...]) -> Callable[[int, str], list[float]]:
-    """Probes while a stream of ``fn(*args)`` tasks keeps the other worker busy."""
+    """Probes while a stream of ``fn(*args)`` tasks keeps the other worker busy.
+
+    Their results are collected as they come and not kept after (``max_finished_tasks=0``),
+    as a service that streams big results would run it.
+    """
 
     def stressor(rounds: int, tmp: str) -> list[float]:
-        with DistributedExecutor(max_local_workers=2, max_retries=0, kill_grace=0.2) as ex:
+        with DistributedExecutor(
+            max_local_workers=2, max_retries=0, kill_grace=0.2, max_finished_tasks=0
+        ) as ex:
             load = [ex.submit_task(fn, args, timeout=120) for _ in range(2)]
             samples = []
             for i in range(rounds):
                 samples.append(probe(ex, tmp, i))
-                load = [t for t in load if not ex.get_task(t).done]
-                load.append(ex.submit_task(fn, args, timeout=120))
+                finished = [t for t in load if ex.get_task(t).done]
+                ex.wait_for_tasks(finished, timeout=10)  # collected, as a user would: let go of
+                load = [t for t in load if t not in finished] + [ex.submit_task(fn, args, timeout=120)]
             ex.wait_for_tasks(load, timeout=300)
             return samples
 

@@ -32,6 +32,7 @@ from .._errors import RemoteWorkerError
 from .._metrics import MemoryWriter, SlotWriter
 from .._process import guard_owner
 from .._queue import STOP, connect_queue
+from .._worker import send_outcome
 from .frames import FrameReader, encode
 from .hosts import RemoteHost
 
@@ -177,7 +178,10 @@ class Link:
             return False
         ok = end[0] == "done" and end[3]
         self.slot.finished(ok, end[5] if end[0] == "done" else end[3])
-        conn.send(end)
+        if end[0] == "done":
+            send_outcome(conn, end)
+        else:
+            conn.send(end)
         if not ok:
             conn.recv()  # the supervisor has queued any retry: take the next task now
         return True

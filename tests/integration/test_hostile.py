@@ -51,6 +51,10 @@ def test_a_worker_death_is_seen_at_once_though_a_daemon_holds_its_fds(
     with pytest.raises(WorkerLostError, match="exited with code 5"):
         executor.get_task_result(task_id, timeout=20)
     assert time.monotonic() - start < 5  # seen by its pidfd, not after the 30 s heartbeat
+    # From the daemon's pid written (just before the worker exits) to the failure reported:
+    # reaped through its pidfd, not after a join that waits on the pipe the daemon holds (1 s).
+    finished = executor.get_task(task_id).finished_at
+    assert finished is not None and finished - pid_files[0].stat().st_mtime < 0.5
     assert executor.submit(faults.double, 1).result(timeout=10) == 2
 
 
@@ -218,6 +222,14 @@ def test_a_result_slow_to_unpickle_does_not_delay_another_deadline(make_executor
     slow = executor.submit_task(faults.return_slow_to_unpickle, (4.0, "slow"))
     assert _deadline_lateness(executor, 1.0) < 0.5  # not the 4 s the unpickling takes
     assert executor.get_task_result(slow, timeout=30) == "slow"
+
+
+def test_a_big_result_slow_to_unpickle_does_not_delay_its_workers_next_task(make_executor: Make) -> None:
+    # One worker: the next task's "started" comes right behind the big result, on the same pipe.
+    executor = make_executor(max_local_workers=1, kill_grace=0.2)
+    slow = executor.submit_task(faults.return_slow_to_unpickle, (4.0, b"x" * (4 << 20)))
+    assert _deadline_lateness(executor, 1.0) < 0.5  # not the 4 s its unpickling takes
+    assert executor.get_task_result(slow, timeout=30) == b"x" * (4 << 20)
 
 
 def test_a_worker_frozen_mid_result_does_not_delay_another_deadline(make_executor: Make) -> None:
