@@ -25,6 +25,7 @@ Frame = bytearray | mmap.mmap  # a message as it came: small ones in a bytearray
 _CHUNK = 1 << 20  # bytes asked of the socket per read
 _PER_CALL = 8 << 20  # bytes read per call at most, so one huge result cannot hold the loop up
 _BIG = 1 << 20  # frames at least this long get a buffer of their own
+_DONTFORK = getattr(mmap, "MADV_DONTFORK", None)
 
 
 class Inbox:
@@ -102,6 +103,8 @@ class Inbox:
                 continue
             if size >= _BIG:  # the rest of it goes straight into a buffer of its own
                 self._big = mmap.mmap(-1, size)
+                if _DONTFORK is not None:  # a worker forked meanwhile need not copy its page tables
+                    self._big.madvise(_DONTFORK)
                 have = len(buf) - body
                 self._big[:have] = buf[body:]
                 self._filled = have

@@ -83,7 +83,7 @@ class Setup:
 
     Its calls reach the executor through a weak reference, and the supervisor holds the
     executor itself only while it runs: once the pool has ended nothing here refers back
-    to it, so dropping an executor frees its results at once, with no cycle to collect.
+    to it, and a dropped executor is freed at once, not by the cyclic collector.
     """
 
     config: Config
@@ -307,9 +307,9 @@ class Supervisor(threading.Thread):
             w.backlog.append(frame)
             self.events.decoder.put(_unpickle_big, (self, w, frame))
         else:
-            self._handle(w, pickle.loads(frame))
+            self._dispatch(w, pickle.loads(frame))
 
-    def _handle(self, w: Worker, message: tuple[Any, ...]) -> None:
+    def _dispatch(self, w: Worker, message: tuple[Any, ...]) -> None:
         assert self.events is not None
         if message[0] == "done" and isinstance(message[6], int):
             w.result_head = message  # its result (or error) follows as a raw frame of its own
@@ -322,7 +322,7 @@ class Supervisor(threading.Thread):
         if w.state is WorkerState.GONE and message[0] != "done":
             return
         w.backlog.pop(0)
-        self._handle(w, message)
+        self._dispatch(w, message)
         while w.backlog:
             frame = w.backlog[0]
             if w.result_head is None and len(frame) >= _BIG_FRAME:
