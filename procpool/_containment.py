@@ -148,6 +148,9 @@ class Jail:
         if self.pid <= 0:
             return
         if self.cgroup is not None and _write(self.cgroup / "cgroup.kill", "1"):
+            # The worker itself too: started by a fork server (not our child), it may be
+            # stopped or killed before it moved into its cgroup and its own group.
+            _send(self._worker(), signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
             return

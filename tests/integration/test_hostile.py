@@ -17,7 +17,7 @@ import pytest
 from conftest import end_process, pid_alive, wait_until
 
 from procpool import DistributedExecutor, TaskCancelledError, TaskStatus, WorkerLostError
-from procpool._containment import Jails
+from procpool._containment import Jail, Jails
 
 Make = Callable[..., DistributedExecutor]
 
@@ -357,3 +357,18 @@ def test_a_queued_task_is_cancelled_at_once_under_a_frozen_manager(
     assert executor.get_task_result(busy, timeout=20) == str(gate)
     assert executor.submit(faults.double, 2).result(timeout=20) == 4
     assert not ran.exists()  # it never ran
+
+
+def test_a_worker_stopped_before_it_entered_its_cgroup_is_still_killed(containment: str) -> None:
+    # A worker started by a fork server is not our child: a SIGSTOP (or a slow start) can
+    # catch it before it moved into its cgroup and its own process group.
+    jails = Jails()
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        Jail(worker.pid, jails.path_for("early-worker")).kill()
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        worker.kill()
+        worker.wait()
+        jails.close()
