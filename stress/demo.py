@@ -100,6 +100,7 @@ class Run:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     peak_mb: dict[str, float] = field(default_factory=dict)  # per worker and per browser
     pid_dir: str = ""  # where chaos's daemon tasks write their daemons' pids
+    fanning: list[str] = field(default_factory=list)  # the browser fan-out in flight
 
     def count(self, record: TaskRecord) -> None:
         with self.lock:
@@ -203,7 +204,7 @@ def drive(ex: DistributedExecutor, state: Run) -> None:
             ids = ex.submit_batch([(tasks.cpu, (5_000,))] * 20, priority=TaskPriority.HIGH)
             state.add(ids, "batch", TaskPriority.HIGH)
             due["batch"] = now + BATCH_EVERY
-        if state.site and now >= due["fanout"]:
+        if state.site and now >= due["fanout"] and fanned_out(ex, state):
             fanout(ex, state)
             due["fanout"] = now + FANOUT_EVERY
         if not args.no_chaos and now >= due["chaos"]:
@@ -229,6 +230,14 @@ def fanout(ex: DistributedExecutor, state: Run) -> None:
         [(fn, (state.site, a)) for a in accounts], priority=TaskPriority.HIGH, timeout=timeout
     )
     state.add(ids, "browse", TaskPriority.HIGH)
+    state.fanning = ids
+
+
+def fanned_out(ex: DistributedExecutor, state: Run) -> bool:
+    """Whether the last fan-out has ended: a new one starts only then, as a caller that waits for
+    its accounts' results would (fan-outs every 3 s whatever happens would pile up HIGH work, each
+    task taking a worker about a second, and starve every lower priority)."""
+    return all(ex.get_task(task_id).done for task_id in state.fanning)
 
 
 def use_sessions(pool: sessions.SessionPool, state: Run, stop: threading.Event) -> None:

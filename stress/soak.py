@@ -20,7 +20,7 @@ import psutil
 from procpool import DistributedExecutor
 
 from .common import OUT, add_run_arguments, leftovers, say, table, write_report
-from .demo import Run, browsers_for, fanout
+from .demo import Run, browsers_for, fanned_out, fanout
 from .plot import plot_soak
 
 RATE = 200  # CPU tasks submitted per second: steady, well below what the pool can take
@@ -75,7 +75,7 @@ def steady(
             submitted += 1
         else:
             time.sleep(0.002)
-        if state.site and now >= next_fanout:
+        if state.site and now >= next_fanout and fanned_out(ex, state):
             fanout(ex, state)
             next_fanout = now + 3.0
         if now >= next_sample:
