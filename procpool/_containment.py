@@ -113,6 +113,9 @@ class Jail:
         self.pid = pid
         self.cgroup = Path(cgroup) if cgroup else None
         self._seen: dict[int, psutil.Process] = {}  # members seen at the last signal
+        # Taken now, while the pid is surely the worker's: signals through it check that the
+        # pid was not reused (a reaped worker's pid may belong to another process by then).
+        self._me = _process(pid) if pid > 0 else None
 
     def members(self) -> list[psutil.Process]:
         """The processes in the jail now, the worker included while it lives."""
@@ -171,7 +174,7 @@ class Jail:
             os.killpg(self.pid, signal.SIGKILL)
 
     def _worker(self) -> psutil.Process | None:
-        return self._seen.get(self.pid) or _process(self.pid)
+        return self._me
 
     def remove(self) -> bool:
         """Remove the worker's cgroup once empty; False while something is still in it."""

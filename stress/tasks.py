@@ -77,6 +77,12 @@ async def browse(base: str, account: str) -> int:
 
 def daemon_then_hang(pid_dir: str) -> None:
     """Leave a double-forked daemon in a session of its own (its pid in ``pid_dir``), then hang."""
+    _leave_daemon(pid_dir)
+    hang()
+
+
+def _leave_daemon(pid_dir: str) -> None:
+    """Double-fork a daemon in a session of its own, holding every inherited fd; its pid in ``pid_dir``."""
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
@@ -84,7 +90,6 @@ def daemon_then_hang(pid_dir: str) -> None:
                 pass
             time.sleep(3600)
         os._exit(0)
-    hang()
 
 
 def fork_and_return(value: object) -> object:
@@ -107,13 +112,7 @@ def hang_marked(marker: str) -> None:
 
 def daemon_then_die_at(pid_dir: str, marker: str) -> None:
     """Leave a daemon holding this worker's fds, record the monotonic time, then SIGKILL the worker."""
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            with open(os.path.join(pid_dir, str(os.getpid())), "w"):
-                pass
-            time.sleep(3600)
-        os._exit(0)
+    _leave_daemon(pid_dir)
     while not os.listdir(pid_dir):
         time.sleep(0.001)
     kill_self_at(marker)
