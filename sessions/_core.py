@@ -22,6 +22,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -172,6 +173,7 @@ class Core:
             await self._fire("session_error", account, exc)
             raise
         session = Session(account, host, context_id, handle)
+        session.saved_at = math.inf  # no periodic save while the login comes back: it would save an empty jar
         self.sessions[account] = session
         host.accounts.add(account)
         try:
@@ -180,6 +182,7 @@ class Core:
             )
         except Exception as exc:  # noqa: BLE001 - a session without its old login still works
             log.warning("session %r: its saved login could not be restored: %s", account, exc)
+        session.saved_at = time.monotonic()  # what is on disk is what it holds
         log.info("session %r: Chromium pid %d, %s", account, host.process.pid, context_id or "own browser")
         await self._fire("session_created", account, handle)
         return session
