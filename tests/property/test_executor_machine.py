@@ -83,22 +83,19 @@ class ExecutorMachine(RuleBasedStateMachine):
 
     @rule(slot=st.integers(0, 1))
     def kill_worker(self, slot: int) -> None:
-        pid = self.executor.get_stats()["workers"][f"local-worker-{slot}"]["pid"]
-        self.steps.append(("kill", slot, pid))
-        if pid > 0:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self._signal_worker(slot, signal.SIGKILL, "kill")
 
     @rule(slot=st.integers(0, 1))
     def freeze_worker(self, slot: int) -> None:
         """SIGSTOP a worker and leave it stopped: it must be found hung, killed and replaced."""
+        self._signal_worker(slot, signal.SIGSTOP, "freeze")
+
+    def _signal_worker(self, slot: int, signum: int, step: str) -> None:
         pid = self.executor.get_stats()["workers"][f"local-worker-{slot}"]["pid"]
-        self.steps.append(("freeze", slot, pid))
+        self.steps.append((step, slot, pid))
         if pid > 0:
             try:
-                os.kill(pid, signal.SIGSTOP)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
