@@ -30,6 +30,7 @@ from ._remote.slots import DEADLINE_MARGIN
 from ._scheduling import Timers, should_retry
 from ._states import TERMINAL, TaskStatus
 from ._task import Task
+from ._worker import needs_go_ahead
 from ._workers import Worker, WorkerSet
 
 __all__ = ("TaskEvents",)
@@ -173,7 +174,7 @@ class TaskEvents:
         w.lease = None
         task = self.tasks.get(task_id)
         if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or not w.counts:
-            if not ok:
+            if needs_go_ahead(message):
                 self._go_ahead(w)
             return  # a stale attempt, or one being killed: fenced out
         self.timers.discard(("deadline", task_id, attempt))
@@ -189,7 +190,7 @@ class TaskEvents:
         self.decoder.put(_decode, (self, w, task, message))
 
     def _on_decoded(self, w: Worker, task: Task, message: tuple[Any, ...], outcome: tuple[str, Any]) -> None:
-        attempt, ok, retryable, elapsed = message[2], message[3], message[4], message[5]
+        attempt, retryable, elapsed = message[2], message[4], message[5]
         self.decoding.discard((task.task_id, attempt))
         if task.attempt == attempt and task.status is TaskStatus.RUNNING:  # not cancelled meanwhile
             kind, value = outcome
@@ -198,12 +199,12 @@ class TaskEvents:
             else:
                 again = kind == "error" and retryable and task.retry_errors
                 self._fail_attempt(task, w.name, value, retryable=again, elapsed=elapsed)
-        if not ok:  # after any retry's put (the link keeps their order): it goes back in its place
+        if needs_go_ahead(message):  # after any retry's put (the link keeps their order): in its place
             self.link.send(lambda _: None, lambda _: self._go_ahead(w))
 
     def _go_ahead(self, w: Worker) -> None:
-        # A worker that failed a task waits for this before taking another,
-        # so that a retry is back in its place before the next take.
+        # A worker whose task raised waits for this before it asks for another,
+        # so that a retry is back in its place first.
         try:
             w.conn.send(True)
         except OSError:
@@ -242,11 +243,17 @@ class TaskEvents:
             return 1
         if w.kill_reason == "hung":
             w.lease = None  # released when it was doomed; its task, if any, was put back then
-        if w.lease is not None:
-            return self._lost(w, w.lease, exitcode)
-        # It may have taken a task and died before saying so: the manager knows.
-        self.link.send(lambda q: q.release(w.key), lambda lease: self._lost(w, lease, exitcode, True))
-        return 0
+            return 0
+        lease, lost = w.lease, 0
+        if lease is not None:
+            lost = self._lost(w, lease, exitcode)
+        # It may have been handed a task it died before starting (or while its last result
+        # was on the way, having asked for more): the manager knows.
+        self.link.send(
+            lambda q: q.release(w.key),
+            lambda held: None if held == lease else self._lost(w, held, exitcode, True),
+        )
+        return lost
 
     def _lost(
         self, w: Worker, lease: tuple[str, int] | None, exitcode: int | None, late: bool = False
@@ -303,11 +310,11 @@ class TaskEvents:
         if task.status is TaskStatus.RUNNING:
             self._cancel_found(task, task.attempt, task.worker, kill, reply)
             return
-        outbox, attempt = self._outbox(), task.attempt
+        outbox, attempt, seq = self._outbox(), task.attempt, task.seq
 
         def find(queue: Any) -> str | None:
-            with outbox.flush_lock:  # the task is then either still in the outbox or in the queue
-                return "removed" if outbox.discard(task_id) else queue.cancel(task_id)
+            # Not in the outbox: then it was sent, and the manager waits until it has it.
+            return "removed" if outbox.discard(task_id) else queue.cancel(task_id, seq)
 
         if kill:
             self._cancel_found(task, attempt, "removed", kill, reply)

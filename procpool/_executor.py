@@ -25,6 +25,7 @@ from ._callbacks import Callbacks, Lane
 from ._config import Config, check_positive, check_priority
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
 from ._metrics import PENDING, MetricsBlock
+from ._dispatch import open_channel
 from ._outbox import Outbox
 from ._payload import dump_call, dump_function
 from ._remote.api import RemoteWorkers
@@ -161,6 +162,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._final_stats: dict[str, Any] | None = None
         self._finish_lock = threading.Lock()
         self._callbacks = Callbacks()
+        self._cancel_ref = weakref.WeakMethod(self._cancel)  # shared by this executor's futures
         self._futures_lane = Lane("procpool-futures")
         self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
         me = weakref.ref(self)  # the supervisor holds this executor only while it runs (see Setup)
@@ -178,8 +180,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             raise BrokenPoolError(
                 f"the executor could not start: {self._supervisor.start_error!r}"
             ) from self._supervisor.start_error
-        assert self._supervisor.queue is not None
-        self._outbox = Outbox(self._supervisor.queue)
+        self._outbox = Outbox(open_channel(self._supervisor.dispatch_address, self._authkey))
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def __repr__(self) -> str:
@@ -309,7 +310,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             for (fn, _, _), payload in zip(items, payloads, strict=True):
                 seq = self._last_seq = next(self._seq)
                 task_id = f"task-{seq}"
-                future = TaskFuture(task_id, self._cancel, kills=not futures_api)
+                future = TaskFuture(task_id, self._cancel_ref, kills=not futures_api)
                 tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now, futures_api))
             self._count_new(tasks)
             for task in tasks:

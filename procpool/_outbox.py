@@ -1,74 +1,119 @@
-"""Submissions on their way to the manager queue, sent in batches by one thread.
+"""Submissions on their way to the manager: written by the submitter itself, never waited for.
 
-    submitters ── add ──▶ Outbox ── put_many (one IPC per batch) ──▶ manager queue
+    submitters ── add ──▶ Outbox ── one frame per add, non-blocking ──▶ channel ──▶ dispatcher
 
-A submitter only appends and returns, so submitting one task costs no IPC
-round trip; while one batch is in flight the next one gathers, so under load
-tasks travel many per call, and when idle a task leaves at once.
+A submitter pickles its items into one frame and writes it to the channel
+without blocking: the usual case costs one ``send`` and no thread switch. What
+the socket does not take at once (the manager is frozen, or far behind) waits
+here, in order, and a flusher thread sends it when the socket drains; later
+submissions queue behind it, so the manager sees them in submission order.
+
+``discard`` takes back a task that has not been written yet. Once written a
+task is the manager's: ``TaskQueue.cancel`` waits until it has read that far.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import select
 import threading
+from multiprocessing.connection import Connection
 
-from ._queue import Item, TaskQueueProxy
+from ._dispatch import framed
+from ._queue import Item
 
 __all__ = ("Outbox",)
 
 log = logging.getLogger(__name__)
 
+_CLOSE_WAIT = 5.0  # seconds the pool's end waits for unsent items (a frozen manager: not for ever)
+
+
+def _frame(items: list[Item]) -> bytes:
+    return framed(pickle.dumps(items, 5))
+
 
 class Outbox:
-    """Queued items not yet sent; ``flush_lock`` is held while a batch is in flight."""
+    """Items on their way to the dispatcher, in submission order."""
 
-    def __init__(self, queue: TaskQueueProxy) -> None:
-        self._queue = queue
-        self._items: list[Item] = []
-        self._cond = threading.Condition()
+    def __init__(self, channel: Connection) -> None:
+        self._channel = channel
+        self._fd = channel.fileno()
+        os.set_blocking(self._fd, False)
+        self._lock = threading.Condition()
+        self._waiting: list[Item] = []  # not yet written: behind ``_rest``, or the socket was full
+        self._rest = memoryview(b"")  # the unwritten end of a frame partly written
+        self._broken = False  # the manager is gone: nothing more is sent
         self._closed = False
-        self.flush_lock = threading.Lock()  # held by cancel to see a task either here or in the queue
-        self._thread = threading.Thread(target=self._run, name="procpool-outbox", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def add(self, items: list[Item]) -> None:
-        """Queue items for sending, in order."""
-        with self._cond:
-            self._items.extend(items)
-            self._cond.notify()
+        """Send items, in order; returns at once, whatever the manager does."""
+        with self._lock:
+            if self._broken:
+                return  # the supervisor sees the manager's pidfd and fails every task
+            if self._rest or self._waiting:
+                self._waiting.extend(items)  # behind what waits: in order
+                return
+            self._write(memoryview(_frame(items)))
+            if self._rest:
+                self._flusher()
 
     def discard(self, task_id: str) -> bool:
-        """Drop a task not yet sent; call with ``flush_lock`` held. True if it was here."""
-        with self._cond:
-            for index, item in enumerate(self._items):
+        """Take back a task not yet written. True if it was here."""
+        with self._lock:
+            for index, item in enumerate(self._waiting):
                 if item[2] == task_id:
-                    del self._items[index]
+                    del self._waiting[index]
                     return True
             return False
 
     def close(self) -> None:
-        """Send what is left, then stop the thread."""
-        with self._cond:
+        """Send what is left (waiting a bounded time), then close the channel."""
+        with self._lock:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(_CLOSE_WAIT)
+        with self._lock:
+            self._broken = True
+            self._channel.close()
 
-    def _run(self) -> None:
+    def _write(self, data: memoryview) -> None:
+        """Write what the socket takes now; keep the rest. Called with the lock held."""
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            log.debug("outbox: the manager is gone; items not sent")
+            self._broken = True
+            self._waiting.clear()
+            sent = len(data)
+        self._rest = data[sent:]
+
+    def _flusher(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._flush, name="procpool-outbox", daemon=True)
+            self._thread.start()
+        self._lock.notify()
+
+    def _flush(self) -> None:
         while True:
-            with self._cond:
-                while not self._items and not self._closed:
-                    self._cond.wait()
-                if not self._items:
+            with self._lock:
+                while not (self._rest or self._waiting) and not self._closed:
+                    self._lock.wait()
+                if self._broken or not (self._rest or self._waiting):
                     return
-            with self.flush_lock:  # never held while waiting: cancel takes it
-                with self._cond:
-                    items, self._items = self._items, []
-                if not items:
-                    continue  # a cancel took the last one meanwhile
-                try:
-                    self._queue.put_many(items)
-                except (OSError, EOFError):
-                    # The manager is gone; the supervisor sees its pidfd and
-                    # fails every unfinished task, these included.
-                    log.debug("outbox: manager gone, %d tasks not sent", len(items))
+            select.select([], [self._fd], [], 1.0)  # the socket can take more (or a second passed)
+            with self._lock:
+                if self._broken:
                     return
+                if self._rest:
+                    self._write(self._rest)
+                if not self._rest and self._waiting:
+                    items, self._waiting = self._waiting, []
+                    self._write(memoryview(_frame(items)))

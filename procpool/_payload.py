@@ -18,28 +18,84 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import types
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-__all__ = ("dump_call", "dump_function", "load_call", "loads_gently")
+__all__ = ("dump_call", "dump_function", "dumps", "load_call", "loads_gently")
 
 _LENGTH = 4
 _CACHE_SIZE = 128  # distinct functions a worker keeps unpickled
-_cache: dict[bytes, Callable[..., Any]] = {}
+_cache: dict[bytes, Callable[..., Any]] = {}  # in a worker: functions by their pickle
+_by_reference: dict[Any, bytes] = {}  # in a caller: the pickle of functions sent by reference
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+_PLAIN_ITEMS = 256  # containers and their items looked at before cloudpickle is left to decide
+_NO_ARGS = pickle.dumps(((), {}), cloudpickle.DEFAULT_PROTOCOL)
 Readable = bytes | bytearray | memoryview | mmap.mmap
 _SLICE = 1 << 20  # bytes copied per step by loads_gently: about a millisecond with the GIL held
 
 
 def dump_function(fn: Callable[..., Any]) -> bytes:
-    """Pickle a function once, to pass to ``dump_call`` for each call of it."""
-    return cloudpickle.dumps(fn)  # type: ignore[no-any-return]
+    """Pickle a function once, to pass to ``dump_call`` for each call of it.
+
+    A function that cloudpickle sends by reference (a module's function, found by
+    its name) always pickles to the same bytes: those are kept, so the next call of
+    it costs a dict lookup. A function sent by value (a lambda, a closure, anything
+    in ``__main__``) is pickled every time, since its globals may change meanwhile.
+    """
+    try:
+        blob = _by_reference.get(fn)
+    except TypeError:  # an unhashable callable object
+        return cloudpickle.dumps(fn)  # type: ignore[no-any-return]
+    if blob is not None and not cloudpickle.list_registry_pickle_by_value():
+        return blob
+    blob = cloudpickle.dumps(fn)
+    if _module_function(fn) and not cloudpickle.list_registry_pickle_by_value():
+        try:
+            by_name = pickle.dumps(fn, cloudpickle.DEFAULT_PROTOCOL)
+        except Exception:  # noqa: BLE001 - not found by its name: it travels by value
+            by_name = None
+        if by_name == blob:
+            if len(_by_reference) >= _CACHE_SIZE:
+                del _by_reference[next(iter(_by_reference))]  # the oldest
+            _by_reference[fn] = blob
+    return blob  # type: ignore[no-any-return]
+
+
+def _module_function(fn: object) -> bool:
+    # Plain functions, and builtins of a module: never bound to an object whose state travels.
+    if isinstance(fn, types.FunctionType):
+        return True
+    return isinstance(fn, types.BuiltinFunctionType) and isinstance(fn.__self__, types.ModuleType | None)
+
+
+def dumps(value: Any) -> bytes:
+    """``cloudpickle.dumps``, with plain data (numbers, strings and containers of them) pickled in C."""
+    if _plain(value, [_PLAIN_ITEMS]):
+        return pickle.dumps(value, cloudpickle.DEFAULT_PROTOCOL)
+    return cloudpickle.dumps(value)  # type: ignore[no-any-return]
+
+
+def _plain(value: Any, budget: list[int]) -> bool:
+    """True for data cloudpickle would pickle exactly as pickle does; looks at a bounded number of items."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if kind is tuple or kind is list:
+        return all(_plain(item, budget) for item in value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v, budget) for k, v in value.items())
+    return False
 
 
 def dump_call(fn_blob: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """One payload for ``fn(*args, **kwargs)``; raises what pickling raises."""
-    args_blob: bytes = cloudpickle.dumps((args, kwargs))
+    args_blob = _NO_ARGS if not args and not kwargs else dumps((args, kwargs))
     return len(fn_blob).to_bytes(_LENGTH, "little") + fn_blob + args_blob
 
 
@@ -53,7 +109,7 @@ def load_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict
         if len(_cache) >= _CACHE_SIZE:
             del _cache[next(iter(_cache))]  # the oldest
         _cache[fn_blob] = fn
-    args, kwargs = cloudpickle.loads(payload[_LENGTH + size :])
+    args, kwargs = pickle.loads(memoryview(payload)[_LENGTH + size :])
     return fn, args, kwargs
 
 

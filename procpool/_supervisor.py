@@ -1,6 +1,6 @@
 """The supervisor thread: the event loop that joins the pool's parts, and the one writer of their state.
 
-    submitters ── outbox ── put_many ──▶ manager queue ◀── take ── workers
+    submitters ── outbox ── channel ──▶ manager: queue, dispatcher ── task ──▶ workers
          │                                                    │ started / done (pipe)
          └─ commands (cancel, shutdown) ─▶ supervisor ◀────────┘ + pidfds
                                              │ kill ladder, respawn, retries
@@ -121,6 +121,7 @@ class Supervisor(threading.Thread):
         self.ready = threading.Event()
         self.start_error: BaseException | None = None
         self.queue: TaskQueueProxy | None = None
+        self.dispatch_address: Any = None  # where workers and the executor's channel connect
         self.manager: QueueManager | None = None
         self.timers = Timers()
         self.commands: deque[Callable[[], None]] = deque()
@@ -257,9 +258,13 @@ class Supervisor(threading.Thread):
         self.manager = QueueManager(authkey=setup.authkey, ctx=self.cfg.context)
         jails = self.workers.jails
         root = None if jails.root is None else str(jails.root)
-        args = (os.getpid(), setup.metrics.name, self.cfg.memory_sample_interval, setup.companion, root)
+        args = (
+            os.getpid(), setup.metrics.name, self.cfg.memory_sample_interval, setup.companion, root,
+            setup.authkey,
+        )  # fmt: skip
         self.manager.start(init_manager, args)
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
+        self.dispatch_address = self.queue.dispatch_address()
         link = ManagerLink(self.call, self.queue)
         self.events = TaskEvents(
             self.cfg, self.ledger, setup.tasks, self.workers, self.timers, link, setup.outbox, self.call
@@ -275,14 +280,14 @@ class Supervisor(threading.Thread):
         cgroup = None if host is not None else self.workers.cgroup_for(key)
         if host is None:
             spec = WorkerSpec(
-                key, slot, self.manager.address, setup.authkey, writer,
+                key, slot, self.manager.address, self.dispatch_address, setup.authkey, writer,
                 setup.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
                 heartbeat_interval(self.cfg.heartbeat_timeout), setup.initializer, setup.initargs,
                 setup.warm_up, cgroup, setup.after_task,
             )  # fmt: skip
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:
-            process = self.remote.link_process(slot, host, key, writer, self.manager.address)
+            process = self.remote.link_process(slot, host, key, writer, self.dispatch_address)
         try:
             process.start()
         finally:

@@ -12,7 +12,9 @@ from typing import Any, NamedTuple
 
 from ._states import TaskPriority, TaskStatus
 
-__all__ = ("TaskFuture", "TaskRecord")
+__all__ = ("CancelRef", "TaskFuture", "TaskRecord")
+
+CancelRef = weakref.WeakMethod  # of the executor's _cancel(task_id, kill) -> bool
 
 
 class TaskRecord(NamedTuple):
@@ -52,10 +54,13 @@ class TaskFuture(Future[Any]):
     has started.
     """
 
-    def __init__(self, task_id: str, cancel: Callable[[str, bool], bool], kills: bool = True) -> None:
+    def __init__(
+        self, task_id: str, cancel: Callable[[str, bool], bool] | CancelRef, kills: bool = True
+    ) -> None:
         super().__init__()
         self.task_id = task_id
-        self._cancel_ref = weakref.WeakMethod(cancel)  # the executor's _cancel
+        # The executor's _cancel, weakly: one reference may serve every future of an executor.
+        self._cancel_ref = cancel if isinstance(cancel, weakref.WeakMethod) else weakref.WeakMethod(cancel)
         self._kills = kills
 
     def cancel(self) -> bool:

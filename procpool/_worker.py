@@ -1,13 +1,13 @@
 """The worker loop, run in each worker process.
 
-    manager (TaskQueue) ── take ──▶ worker ── started / done ──▶ supervisor (result pipe)
-                                      └── writes its own metrics slot
+    dispatcher (manager) ◀── ready / task ──▶ worker ── started / done ──▶ supervisor (result pipe)
+                                                └── writes its own metrics slot
 
 The worker holds at most the one task it runs. A heartbeat thread refreshes
 the slot's heartbeat every ``heartbeat_interval``, idle or busy. It reports ``started`` before
 running a task (the supervisor starts the deadline clock then) and ``done``
-with the pickled outcome after. After a failed task it waits for the
-supervisor's go-ahead, so a retry is queued again before its next take.
+with the pickled outcome after. After a task that raised it waits for the
+supervisor's go-ahead, so a retry is queued again before it asks for more.
 It never decides about retries or deadlines: the supervisor does, from outside.
 """
 
@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,16 +31,18 @@ import cloudpickle
 from . import _containment as containment
 from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
-from ._payload import load_call
+from ._payload import dumps, load_call
 from ._process import guard_owner
+from ._dispatch import TaskLine
 from ._queue import STOP, TaskQueueProxy, connect_queue
 
-__all__ = ("Done", "Started", "WorkerSpec", "companion_info", "run_worker")
+__all__ = ("Done", "Started", "WorkerSpec", "companion_info", "needs_go_ahead", "run_worker")
 
-IDLE_WAIT = 1.0  # seconds a take waits before the worker beats its heart again
+IDLE_WAIT = 1.0  # seconds an idle worker waits for a task before it marks its slot idle again
 RAW_AFTER = 1 << 20  # bytes; a result this big is sent as a raw frame after its message (send_outcome)
 log = logging.getLogger(__name__)
-_here: tuple[TaskQueueProxy, int] | None = None  # this worker's queue and slot, once serving
+_here: tuple[Any, bytes, int] | None = None  # the manager's address, its authkey and this slot, once serving
+_manager: TaskQueueProxy | None = None  # connected on first use
 _loop: asyncio.AbstractEventLoop | None = None
 remote = False  # set in a remote agent's worker child
 
@@ -55,7 +58,8 @@ class WorkerSpec:
 
     key: str  # unique per worker process; leases are held under it
     slot: int
-    address: Any
+    address: Any  # the manager's (companion_info calls it)
+    dispatch: Any  # the dispatcher's, where the worker's task line connects
     authkey: bytes = field(repr=False)  # never in a log or traceback
     conn: Connection
     shm_name: str
@@ -89,10 +93,10 @@ def run_worker(spec: WorkerSpec) -> None:
 
 
 def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
-    """Take and run tasks until told to stop or ``max_tasks`` are done."""
+    """Run the tasks the dispatcher hands this worker until told to stop or ``max_tasks`` are done."""
     global _here
-    queue = connect_queue(spec.address, spec.authkey)
-    _here = (queue, spec.slot)
+    _here = (spec.address, spec.authkey, spec.slot)
+    line = TaskLine(spec.dispatch, spec.authkey, spec.key)
     if spec.initializer is not None and not _initialize(spec):
         return  # the supervisor counts the failure; enough in a row break the pool
     # Beats go on while a task runs, so only a stopped or wedged process falls silent. They
@@ -107,8 +111,9 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
     slot.idle()  # started: from here the manager's memory baseline counts
     me = os.getpid()
     done = 0
+    line.ready()
     while spec.max_tasks is None or done < spec.max_tasks:
-        item = queue.take(spec.key, IDLE_WAIT)
+        item = line.next(IDLE_WAIT)
         if item is None:
             slot.idle()
             continue
@@ -118,20 +123,57 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
         task_id, attempt, payload = item
         spec.conn.send(("started", task_id, attempt))
         slot.running(task_id)
-        message = run_task(task_id, attempt, payload)
-        if os.getpid() != me:
-            os._exit(0)  # a copy the task forked came back here: only the worker itself reports
-        if subreaper:
-            containment.reap()
-        if spec.after_task is not None:  # before the result: the next task may need what it tidies
-            _companion_hook(spec.after_task, "after-task hook")
+        done += 1
+        after = _AfterReturn(spec, me, subreaper, line, spec.max_tasks is None or done < spec.max_tasks)
+        message = run_task(task_id, attempt, payload, after)
+        if not after.ran:
+            after.tidy()
         slot.finished(message[3], message[5])  # before the result: a caller that has it sees the counts
         send_outcome(spec.conn, message)
-        ok = message[3]
-        del item, payload, message  # the last result is not kept while the next task runs
-        if not ok:
-            spec.conn.recv()  # the supervisor has queued any retry: take the next task now
-        done += 1
+        if not after.ran:
+            if needs_go_ahead(message):
+                spec.conn.recv()  # the supervisor has queued the retry: it keeps its place
+            if after.more:
+                line.ready()
+        del item, payload, message, after  # the last result is not kept while the next task runs
+
+
+class _AfterReturn:
+    """What a worker does once a task's function has returned, before its result is pickled.
+
+    It asks for the next task at once, so that the dispatcher's answer overlaps the
+    pickling and sending of this result. (After a task that raised, the worker asks
+    only once the supervisor has queued any retry, so a retry keeps its place.)
+    """
+
+    __slots__ = ("after_task", "line", "me", "more", "ran", "subreaper")
+
+    def __init__(self, spec: WorkerSpec, me: int, subreaper: bool, line: TaskLine, more: bool) -> None:
+        self.after_task = spec.after_task
+        self.me = me
+        self.subreaper = subreaper
+        self.line = line
+        self.more = more  # another task may follow (max_tasks not reached)
+        self.ran = False
+
+    def __call__(self) -> None:
+        self.tidy()
+        self.ran = True
+        if self.more:
+            self.line.ready()
+
+    def tidy(self) -> None:
+        if os.getpid() != self.me:
+            os._exit(0)  # a copy the task forked came back here: only the worker itself reports
+        if self.subreaper:
+            containment.reap()
+        if self.after_task is not None:  # before the result: the next task may need what it tidies
+            _companion_hook(self.after_task, "after-task hook")
+
+
+def needs_go_ahead(message: tuple[Any, ...]) -> bool:
+    """After this outcome, the sender waits for the supervisor's go-ahead before it asks again."""
+    return message[0] != "done" or (not message[3] and message[4])
 
 
 def _initialize(spec: WorkerSpec) -> bool:
@@ -162,8 +204,11 @@ def _beat(slot: SlotWriter, interval: float) -> None:
         time.sleep(interval)
 
 
-def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
-    """Run one task and encode its outcome; never raises."""
+def run_task(task_id: str, attempt: int, payload: bytes, returned: Callable[[], None] | None = None) -> Done:
+    """Run one task and encode its outcome; never raises.
+
+    ``returned`` is called once the function has returned, before its value is pickled.
+    """
     start = time.monotonic()
     try:
         fn, args, kwargs = load_call(payload)
@@ -175,8 +220,10 @@ def run_task(task_id: str, attempt: int, payload: bytes) -> Done:
         tb = traceback.format_exc()
         return ("done", task_id, attempt, False, True, elapsed, _dumps(exc), _type_name(exc), str(exc), tb)
     elapsed = time.monotonic() - start
+    if returned is not None:
+        returned()
     try:
-        return ("done", task_id, attempt, True, False, elapsed, cloudpickle.dumps(value), "", "", "")
+        return ("done", task_id, attempt, True, False, elapsed, dumps(value), "", "", "")
     except BaseException as exc:  # noqa: BLE001 - the pickling error is the task's (as in concurrent.futures)
         tb = traceback.format_exc()
         text = f"the result of type {_type_name(value)} could not be pickled to send it back: {exc}"
@@ -228,8 +275,11 @@ def companion_info(replace: bool = False) -> dict[str, Any]:
         )
     if _here is None:
         raise RuntimeError("companion_info() works only in a task running in a procpool worker")
-    queue, slot = _here
-    return queue.companion(slot, replace)
+    global _manager
+    address, authkey, slot = _here
+    if _manager is None:
+        _manager = connect_queue(address, authkey)
+    return _manager.companion(slot, replace)
 
 
 def _dumps(obj: Any) -> bytes | None:

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "chaos", "hostile", "soak", "compare", "overhead", "browsers", "remote")
+SCENARIOS = ("demo", "chaos", "hostile", "soak", "compare", "pertask", "overhead", "browsers", "remote")
 
 
 def main(argv: list[str]) -> int:

@@ -139,3 +139,19 @@ class _SlowToUnpickle:
 def hold_gil(seconds: float) -> int:
     """One C call that never lets the GIL go for about ``seconds`` (its heartbeat thread falls silent)."""
     return sum(range(int(seconds * 4e7)))
+
+
+def spin(ms: float) -> None:
+    """Burn ``ms`` of this process's CPU time (a real short task: preemption does not count)."""
+    end = time.process_time() + ms / 1000
+    while time.process_time() < end:
+        pass
+
+
+def spin_arg(ms: float) -> None:
+    spin(ms)
+
+
+def started_at() -> float:
+    """The moment the task began, on the clock every process of this machine shares."""
+    return time.monotonic()

@@ -1,6 +1,6 @@
 """A remote worker slot: a local process that the supervisor treats like any worker.
 
-    manager queue ── take ──▶ link ══ frames over one SSH connection ══▶ agent (remote host)
+    dispatcher ── task ──▶ link ══ frames over one SSH connection ══▶ agent (remote host)
     supervisor ◀── started / done / timedout / lost (pipe) ── link
                ──▶ the deadline of each started task; a go-ahead after a failure
 
@@ -31,8 +31,9 @@ from typing import Any
 from .._errors import RemoteWorkerError
 from .._metrics import MemoryWriter, SlotWriter
 from .._process import guard_owner
-from .._queue import STOP, connect_queue
-from .._worker import send_outcome
+from .._dispatch import TaskLine
+from .._queue import STOP
+from .._worker import needs_go_ahead, send_outcome
 from .frames import FrameReader, encode
 from .hosts import RemoteHost
 
@@ -40,7 +41,7 @@ __all__ = ("EXIT_LOST", "EXIT_UNREACHABLE", "LinkSpec", "describe_link_exit", "r
 
 EXIT_UNREACHABLE = 3  # could not connect or start the agent; the supervisor retries with a backoff
 EXIT_LOST = 4  # the connection was lost: silent, closed, or the agent died
-_IDLE_WAIT = 1.0  # seconds a take waits before the link checks its connection again
+_IDLE_WAIT = 1.0  # seconds the link waits for a task before it checks its connection again
 _NO_SAMPLES = 3600.0  # seconds between memory samples when sampling is off
 _GONE = ("gone",)
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class LinkSpec:
 
     key: str  # unique per link process; leases are held under it
     slot: int
-    address: Any  # the manager's
+    address: Any  # the dispatcher's (see _dispatch)
     authkey: bytes = field(repr=False)  # the manager's; stays on this machine
     conn: Connection
     shm_name: str
@@ -145,12 +146,13 @@ class Link:
         if self.events.get()[0] != "ready":
             log.warning("remote worker %s: the agent on %s did not start", spec.key, host.address)
             return EXIT_UNREACHABLE
-        tasks = connect_queue(spec.address, spec.authkey)
+        tasks = TaskLine(spec.address, spec.authkey, spec.key)
         self.slot.idle()
+        tasks.ready()
         while True:  # the agent starts a fresh child after max_tasks: the connection stays
             if not self.events.empty():
                 return EXIT_LOST  # nothing else arrives unasked: the connection is gone
-            item = tasks.take(spec.key, _IDLE_WAIT)
+            item = tasks.next(_IDLE_WAIT)
             if item is None:
                 continue
             if item == STOP:
@@ -158,6 +160,7 @@ class Link:
             assert isinstance(item, tuple)
             if not self.run(*item):
                 return EXIT_LOST
+            tasks.ready()
         try:
             self.send(("stop",))  # the agent ends at once rather than when the connection closes
         except Exception:  # noqa: BLE001 - the connection is gone: the agent ends on its own
@@ -182,8 +185,8 @@ class Link:
             send_outcome(conn, end)
         else:
             conn.send(end)
-        if not ok:
-            conn.recv()  # the supervisor has queued any retry: take the next task now
+        if needs_go_ahead(end):
+            conn.recv()  # the supervisor has queued any retry: it keeps its place
         return True
 
     def read(self) -> None:

@@ -114,7 +114,7 @@ class RemoteSlots:
             self._removals.pop(host.address).set_result(None)
 
     def link_process(self, slot: int, host: RemoteHost, key: str, writer: Connection, address: Any) -> Any:
-        """The local link process of a remote slot (not started); ``address``: the manager's."""
+        """The local link process of a remote slot (not started); ``address``: the dispatcher's."""
         silence = min(host.heartbeat_timeout, self.cfg.heartbeat_timeout or host.heartbeat_timeout)
         beat = heartbeat_interval(silence)
         spec = LinkSpec(

@@ -338,9 +338,9 @@ def test_a_queued_task_is_cancelled_at_once_under_a_frozen_manager(
     assert wait_until(lambda: executor.get_task(busy).status is TaskStatus.RUNNING, 10)
     ran = tmp_path / "ran.log"
     queued = executor.submit_task(faults.record_order, args=(str(ran), "queued"))
-    outbox = executor._outbox
-    flushed = lambda: not outbox._items and not outbox.flush_lock.locked()  # noqa: E731
-    assert wait_until(flushed, 5)  # in the manager's queue now, behind the busy task
+    queue = executor._supervisor.queue
+    assert queue is not None
+    assert wait_until(lambda: queue.depth() == 1, 5)  # in the manager's queue now, behind the busy task
     manager = executor._supervisor.manager._process.pid  # type: ignore[union-attr]
     os.kill(manager, signal.SIGSTOP)
     try:

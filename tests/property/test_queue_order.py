@@ -20,7 +20,7 @@ ops = st.lists(
 
 
 @given(ops)
-def test_take_always_returns_the_best_waiting_task(steps: list[tuple[str, int]]) -> None:
+def test_pop_always_returns_the_best_waiting_task(steps: list[tuple[str, int]]) -> None:
     queue = TaskQueue()
     waiting: dict[str, tuple[int, int]] = {}  # task id -> (priority, seq)
     seq = 0
@@ -31,7 +31,7 @@ def test_take_always_returns_the_best_waiting_task(steps: list[tuple[str, int]])
             queue.put(arg, seq, f"t{seq}", 1, b"")
             waiting[f"t{seq}"] = (arg, seq)
         elif op == "take":
-            item = queue.take("w.0", 0)
+            item = queue.pop("w.0")
             if not waiting:
                 assert item is None
                 continue

@@ -49,6 +49,6 @@ def test_the_manager_authkey_never_appears_in_a_repr() -> None:
 
     key = os.urandom(32)
     spec = WorkerSpec(
-        "local-worker-0.0", 0, "/tmp/x", key, None, "procpool-1-a", None, 1, 1.0, None, (), None
+        "local-worker-0.0", 0, "/tmp/x", "/tmp/y", key, None, "procpool-1-a", None, 1, 1.0, None, (), None
     )  # type: ignore[arg-type]
     assert repr(key) not in repr(spec) and "authkey" not in repr(spec)
