@@ -78,6 +78,10 @@ class Callbacks:
             raise TypeError(f"callback for {event!r} must be callable, not {type(fn).__name__}")
         self._by_event[event] = [*self._by_event[event], fn]  # replaced whole: fire() reads it unlocked
 
+    def count(self, event: str) -> int:
+        """How many callbacks ``event`` has."""
+        return len(self._by_event[event])
+
     def fire(self, event: str | None, record: Any) -> int:
         """Queue every callback of ``event`` with ``record``; returns how many."""
         if event is None:

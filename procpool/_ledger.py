@@ -1,8 +1,9 @@
 """Task state changes: the one place a task moves, and everything that follows a move.
 
-Called only from the supervisor thread. A move replaces the task's record,
-updates the pool counters in the metrics header, settles the task's Future
-when it ends, and queues the callbacks of its event.
+Called only from the supervisor thread. A move replaces the task's record and
+updates the pool counters; ``flush`` (once per round of the supervisor's loop)
+publishes them in the metrics header, then settles the Futures of the tasks
+that ended and queues the callbacks of their events.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Ledger:
         self.keep_count, self.keep_seconds = keep
         self.futures = futures  # settles Futures off this thread: their done-callbacks are user code
         self.tasks = tasks  # the executor's records by id; a task not kept leaves it when it ends
+        self._dirty = False  # counters changed since they were last published
+        self._after: list[tuple[str | None, Any]] = []  # futures to settle and callbacks to queue, in order
 
     def unfinished(self) -> int:
         """Tasks not yet in a terminal state (queued, retrying or running)."""
@@ -86,7 +89,7 @@ class Ledger:
             if elapsed is not None:
                 counters.exec_time_sum += elapsed
                 counters.exec_count += 1
-        self.metrics.publish()
+        self._dirty = True
         if status is TaskStatus.RUNNING and not (task.future.running() or task.future.done()):
             task.future.set_running_or_notify_cancel()  # Future.running() from its first start
         if status in TERMINAL:
@@ -95,9 +98,31 @@ class Ledger:
                 self._release_old(task.task_id)
             else:
                 self.tasks.pop(task.task_id, None)
-            self.futures.put(_settle_future, (task.future, rec))
-        if self.callbacks.fire(EVENT_OF.get(status), rec) and status in TERMINAL:
-            task.collected = True  # a callback has it
+            self._after.append((None, (task.future, rec)))
+        event = EVENT_OF.get(status)
+        if event is not None and self.callbacks.count(event):
+            self._after.append((event, rec))
+            if status in TERMINAL:
+                task.collected = True  # a callback has it
+
+    def flush(self) -> None:
+        """Publish the counters, then settle the futures and queue the callbacks of the moves since.
+
+        The supervisor calls this once per round of its loop: one write of the header
+        for every move in the round, and a caller that has a result (or a callback that
+        has a record) sees counts that include it.
+        """
+        if self._dirty:
+            self._dirty = False
+            self.metrics.publish()
+        after, self._after = self._after, []
+        for event, item in after:
+            if event is None:
+                future, rec = item  # type: ignore[misc]
+                if not future.settle_here(rec):  # it has done-callbacks (user code): not on this thread
+                    self.futures.put(_settle_future, item)
+            else:
+                self.callbacks.fire(event, item)
 
     def _release_old(self, task_id: str) -> None:
         """Let go of old finished records: past the time bound always; past the count bound

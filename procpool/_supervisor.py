@@ -211,6 +211,7 @@ class Supervisor(threading.Thread):
             while self.commands:
                 self.commands.popleft()()
             self._fire_timers(time.monotonic())
+            self.ledger.flush()
 
     def _idle(self) -> bool:
         return self.ledger.unfinished() == 0
@@ -371,6 +372,7 @@ class Supervisor(threading.Thread):
         for task in self.setup.mark_broken(error):
             if task.status not in TERMINAL:
                 self.ledger.move(task, TaskStatus.FAILED, error=error, finished_at=time.time())
+        self.ledger.flush()
 
     def _break_on_initializer(self, error: BaseException) -> None:
         failures = self.workers.init_failures

@@ -10,6 +10,7 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NO
 from concurrent.futures._base import FINISHED as _FINISHED
 from typing import Any, NamedTuple
 
+from ._errors import TaskCancelledError
 from ._states import TaskPriority, TaskStatus
 
 __all__ = ("CancelRef", "TaskFuture", "TaskRecord")
@@ -74,6 +75,21 @@ class TaskFuture(Future[Any]):
             return False
         self._mark_cancelled()  # at once: cancelled() is true when this returns
         return True
+
+    def settle_here(self, rec: TaskRecord) -> bool:
+        """Set the outcome of ``rec`` now, unless done-callbacks (user code) must run; True if set."""
+        with self._condition:  # add_done_callback takes it too: none can slip in meanwhile
+            if self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED):
+                return True  # cancelled by its caller first
+            if self._done_callbacks:
+                return False
+            if rec.status is TaskStatus.COMPLETED:
+                self.set_result(rec.result)  # the lock is reentrant
+                return True
+            if rec.error is None or isinstance(rec.error, TaskCancelledError):
+                return False  # marked cancelled by the futures lane, with its waiters told
+            self.set_exception(rec.error)
+            return True
 
     def _mark_cancelled(self) -> None:
         # By the supervisor's futures lane, or by cancel() in the caller's thread: whichever
