@@ -156,8 +156,7 @@ class TaskEvents:
             return None
         if w.stopping:
             return None  # taken by a worker being killed: its release puts the task back
-        task.worker = w.name
-        self.ledger.move(task, TaskStatus.RUNNING, worker=w.name, started_at=time.time())
+        self.ledger.start(task, w.name)
         # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
         margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
         self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout + margin)
@@ -285,7 +284,7 @@ class TaskEvents:
             oom = WorkerMemoryError(f"{where} {w.note} while running task {task.task_id}; it was killed")
             self._fail_attempt(task, w.name, oom, retryable=False)
             return
-        started = task.record.started_at
+        started = task.started_at
         error = TaskTimeoutError(
             f"task {task.task_id} exceeded its {task.timeout:g} s deadline; worker {w.name} "
             f"(pid {w.pid}) and its process group were killed"

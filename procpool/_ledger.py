@@ -58,41 +58,60 @@ class Ledger:
         self.tasks = tasks  # the executor's records by id; a task not kept leaves it when it ends
         self._dirty = False  # counters changed since they were last published
         self._after: list[tuple[str | None, Any]] = []  # futures to settle and callbacks to queue, in order
+        self._starting: list[Task] = []  # started since the last flush
 
     def unfinished(self) -> int:
         """Tasks not yet in a terminal state (queued, retrying or running)."""
         states = self.metrics.counters.states
         return states[metrics.PENDING] + states[metrics.RUNNING]
 
+    def start(self, task: Task, worker: str) -> None:
+        """The task's current attempt has started on ``worker``.
+
+        Its state is RUNNING at once; its record, counters and Future follow at the
+        next ``flush``, unless it ends first: a short task that starts and ends in one
+        round of the supervisor's loop then makes one move, not two.
+        """
+        task.status = advance(task.status, TaskStatus.RUNNING)
+        task.worker = worker
+        task.starting = (worker, time.time())
+        self._starting.append(task)
+
     def move(self, task: Task, status: TaskStatus, elapsed: float | None = None, **changes: Any) -> None:
         """The one place a task changes state: record, counters, future, callbacks.
 
         ``elapsed`` (seconds an attempt ran) counts towards the average execution time.
         """
-        old = task.status
-        task.status = advance(old, status)
+        task.status = advance(task.status, status)
+        if task.starting is not None:  # what the start not yet written would have said
+            changes.setdefault("worker", task.starting[0])
+            changes.setdefault("started_at", task.starting[1])
+            task.starting = None
         if elapsed is not None:
             changes["execution_time"] = elapsed
+        old = task.record.status
         task.record = rec = task.record._replace(status=status, attempts=task.attempt, **changes)
-        counters = self.metrics.counters
-        with self.metrics.header_lock:
-            ob, nb = _BUCKET[old], _BUCKET[status]
-            if ob != nb:
-                counters.states[ob] -= 1
-                counters.states[nb] += 1
-                if ob == metrics.PENDING:
-                    counters.depth[task.priority] -= 1
-                elif nb == metrics.PENDING:
-                    counters.depth[task.priority] += 1
-            if status is TaskStatus.RETRYING:
-                counters.retried += 1
-            if elapsed is not None:
-                counters.exec_time_sum += elapsed
-                counters.exec_count += 1
-        self._dirty = True
-        if status is TaskStatus.RUNNING and not (task.future.running() or task.future.done()):
-            task.future.set_running_or_notify_cancel()  # Future.running() from its first start
-        if status in TERMINAL:
+        ob, nb = _BUCKET[old], _BUCKET[status]
+        if ob != nb or elapsed is not None or status is TaskStatus.RETRYING:
+            counters = self.metrics.counters
+            with self.metrics.header_lock:
+                if ob != nb:
+                    counters.states[ob] -= 1
+                    counters.states[nb] += 1
+                    if ob == metrics.PENDING:
+                        counters.depth[task.priority] -= 1
+                    elif nb == metrics.PENDING:
+                        counters.depth[task.priority] += 1
+                if status is TaskStatus.RETRYING:
+                    counters.retried += 1
+                if elapsed is not None:
+                    counters.exec_time_sum += elapsed
+                    counters.exec_count += 1
+            self._dirty = True
+        if status is TaskStatus.RUNNING:
+            if task.future._state == "PENDING":  # type: ignore[attr-defined]
+                task.future.set_running_or_notify_cancel()  # Future.running() from its first start
+        elif status in TERMINAL:
             task.payload = None
             if task.keep:
                 self._release_old(task.task_id)
@@ -112,6 +131,11 @@ class Ledger:
         for every move in the round, and a caller that has a result (or a callback that
         has a record) sees counts that include it.
         """
+        starting, self._starting = self._starting, []
+        for task in starting:
+            if task.starting is not None:  # still running: the move start() put off is made now
+                task.status = task.record.status  # PENDING or RETRYING, as before the start
+                self.move(task, TaskStatus.RUNNING)
         if self._dirty:
             self._dirty = False
             self.metrics.publish()

@@ -125,6 +125,7 @@ class Task:
         "record",
         "retry_errors",
         "seq",
+        "starting",
         "status",
         "task_id",
         "timeout",
@@ -158,7 +159,13 @@ class Task:
         # Future alone holds the outcome. submit_task() retries errors and keeps the record.
         self.retry_errors = not futures_api
         self.keep = not futures_api
+        self.starting: tuple[str, float] | None = None  # (worker, wall time) of a start not yet recorded
         self.collected = False  # its outcome was read (get_task_result, wait_for_tasks) or sent to a callback
         self.record = TaskRecord(
             task_id, TaskStatus.PENDING, priority, name, 0, None, submitted_at=submitted_at
         )
+
+    @property
+    def started_at(self) -> float | None:
+        """When the current attempt started (wall clock), recorded or not yet."""
+        return self.record.started_at if self.starting is None else self.starting[1]
