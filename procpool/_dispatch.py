@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import pickle
 import select
@@ -55,7 +56,7 @@ class Queue(Protocol):
 
     on_change: Callable[[], None]
 
-    def put_frame(self, frame: bytes) -> None: ...
+    def put_frame(self, frame: bytes | bytearray | mmap.mmap) -> None: ...
     def pop(self, worker: str) -> tuple[str, int, bytes] | str | None: ...
     def end_lease(self, worker: str) -> None: ...
     def stopping(self, worker: str) -> bool: ...
@@ -75,6 +76,7 @@ class Dispatcher:
         self._new: list[_Line] = []  # accepted, not yet in the selector
         self._new_lock = threading.Lock()
         self._idle: collections.deque[_Line] = collections.deque()  # asked, and wait for a task
+        self._closing = False
         queue.on_change = self.wake
         threading.Thread(target=self._accept, name="procpool-accept", daemon=True).start()
         threading.Thread(target=self._run, name="procpool-dispatch", daemon=True).start()
@@ -86,8 +88,14 @@ class Dispatcher:
         except BlockingIOError:
             pass  # a wake-up is pending already
 
+    def close(self) -> None:
+        """Stop both threads and close every line (the manager process ends without this)."""
+        self._closing = True
+        self._listener.close()  # the accept thread's accept() raises
+        self.wake()
+
     def _accept(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 conn = self._listener.accept()
                 kind, name = conn.recv()
@@ -98,7 +106,7 @@ class Dispatcher:
             self.wake()
 
     def _run(self) -> None:
-        while True:
+        while not self._closing:
             for key, _ in self._selector.select():
                 if key.data is None:
                     os.read(self._wake_r, 4096)
@@ -106,6 +114,11 @@ class Dispatcher:
                 else:
                     self._read(key.data)
             self._pump()
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                self._drop(key.data)
+        self._selector.close()
+        os.close(self._wake_r)
 
     def _register_new(self) -> None:
         with self._new_lock:
@@ -162,7 +175,9 @@ class Dispatcher:
             return
         if sent < len(data):  # a big payload: a frozen worker must not stall the others
             fd = os.dup(line.fd)  # the thread's own: this line may be closed meanwhile
-            threading.Thread(target=_send_rest, args=(fd, data[sent:]), name="procpool-send", daemon=True).start()
+            threading.Thread(
+                target=_send_rest, args=(fd, data[sent:]), name="procpool-send", daemon=True
+            ).start()
 
 
 class _Line:

@@ -250,9 +250,18 @@ class TaskEvents:
         # was on the way, having asked for more): the manager knows.
         self.link.send(
             lambda q: q.release(w.key),
-            lambda held: None if held == lease else self._lost(w, held, exitcode, True),
+            lambda held: None if held == lease else self._release_held(w, held, exitcode),
         )
         return lost
+
+    def _release_held(self, w: Worker, held: tuple[str, int] | None, exitcode: int | None) -> None:
+        """A task the manager had handed a worker that died: one it never started goes back in
+        its place with no attempt counted (it never ran); one it started was lost with it."""
+        task = None if held is None else self.tasks.get(held[0])
+        if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+            self._requeue(held)  # type: ignore[arg-type]
+        else:
+            self._lost(w, held, exitcode, late=True)
 
     def _lost(
         self, w: Worker, lease: tuple[str, int] | None, exitcode: int | None, late: bool = False

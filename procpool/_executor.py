@@ -23,16 +23,16 @@ from typing import Any
 
 from ._callbacks import Callbacks, Lane
 from ._config import Config, check_positive, check_priority
+from ._dispatch import open_channel
 from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
 from ._metrics import PENDING, MetricsBlock
-from ._dispatch import open_channel
 from ._outbox import Outbox
 from ._payload import dump_call, dump_function
 from ._remote.api import RemoteWorkers
 from ._snapshot import read_snapshot
 from ._states import TERMINAL, TaskPriority, TaskStatus
 from ._supervisor import Setup, Supervisor
-from ._task import Task, TaskFuture, TaskRecord
+from ._task import CancelRef, Task, TaskFuture, TaskRecord
 
 __all__ = ("DistributedExecutor", "get_distributed_executor")
 
@@ -162,7 +162,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         self._final_stats: dict[str, Any] | None = None
         self._finish_lock = threading.Lock()
         self._callbacks = Callbacks()
-        self._cancel_ref = weakref.WeakMethod(self._cancel)  # shared by this executor's futures
+        self._cancel_ref: CancelRef = weakref.WeakMethod(self._cancel)  # shared by this executor's futures
         self._futures_lane = Lane("procpool-futures")
         self._metrics = MetricsBlock(self._config.max_local_workers + self._config.max_remote_workers)
         me = weakref.ref(self)  # the supervisor holds this executor only while it runs (see Setup)
@@ -330,7 +330,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             counters.states[PENDING] += len(tasks)
             for task in tasks:
                 counters.depth[task.priority] += 1
-        self._metrics.publish()
+        if self._metrics.publish_soon():
+            self._supervisor.call(_nothing)  # its round ends with the header written
 
     # -- results ---------------------------------------------------------------
 
@@ -466,6 +467,8 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         """
         if self._final_stats is not None:
             return dict(self._final_stats)
+        if self._metrics.stale:  # submissions of the last millisecond
+            self._metrics.publish()
         buf = self._metrics.shm.buf
         assert buf is not None
         stats = read_snapshot(buf)
@@ -640,6 +643,10 @@ def _pickle_companion(factory: object) -> bytes | None:
         return dump_function(factory)
     except Exception as exc:
         raise TypeError(f"cannot pickle the companion factory {factory!r}: {exc}") from exc
+
+
+def _nothing() -> None:
+    pass
 
 
 def _name(fn: Any) -> str:

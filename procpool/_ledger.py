@@ -109,7 +109,7 @@ class Ledger:
                     counters.exec_count += 1
             self._dirty = True
         if status is TaskStatus.RUNNING:
-            if task.future._state == "PENDING":  # type: ignore[attr-defined]
+            if task.future._state == "PENDING":
                 task.future.set_running_or_notify_cancel()  # Future.running() from its first start
         elif status in TERMINAL:
             task.payload = None
@@ -136,13 +136,13 @@ class Ledger:
             if task.starting is not None:  # still running: the move start() put off is made now
                 task.status = task.record.status  # PENDING or RETRYING, as before the start
                 self.move(task, TaskStatus.RUNNING)
-        if self._dirty:
+        if self._dirty or self.metrics.stale:
             self._dirty = False
             self.metrics.publish()
         after, self._after = self._after, []
         for event, item in after:
             if event is None:
-                future, rec = item  # type: ignore[misc]
+                future, rec = item
                 if not future.settle_here(rec):  # it has done-callbacks (user code): not on this thread
                     self.futures.put(_settle_future, item)
             else:

@@ -75,6 +75,7 @@ _SLOT = struct.Struct("<Q32sBBxxxxxxqdqqB7x 8x QqB7x40sdqqdd 24x QqqqqqddqB7xqqq
 _SECTIONS = (_SUPERVISOR_AT, _WORKER_AT, _MEMORY_AT)
 _SLOT_PADDED = struct.Struct(_SLOT.format + f"{SLOT_SIZE - _SLOT.size}x")  # for iter_unpack over all slots
 _SEQ = struct.Struct("<Q")
+_PUBLISH_GAP = 0.001  # seconds; submitters write the header at most about this often (publish_soon)
 MB = 1024 * 1024  # figures are reported in MiB
 
 KIND_NAMES = {0: "empty", 1: "local", 2: "remote_ssh"}
@@ -145,6 +146,8 @@ class MetricsBlock:
         self._header_lock = threading.Lock()  # submitters and the supervisor share one writer
         self.counters = HeaderCounters()
         self._closed = False
+        self.stale = False  # counters changed since the header was last written
+        self._published_at = 0.0
         self.publish()
 
     def publish(self) -> None:
@@ -154,6 +157,21 @@ class MetricsBlock:
             self._header.write(
                 c.total, *c.states, c.retried, c.exec_time_sum, c.exec_count, *c.depth,
             )  # fmt: skip
+            self.stale = False
+            self._published_at = time.monotonic()
+
+    def publish_soon(self) -> bool:
+        """``publish``, or, within a millisecond of the last one, mark the header ``stale``.
+
+        Submitters call this: a burst of submissions writes the header about once a
+        millisecond. The supervisor's next round, and ``get_stats()``, publish a stale
+        one. Returns True if it has just become stale (the caller then wakes the supervisor).
+        """
+        if time.monotonic() - self._published_at > _PUBLISH_GAP:
+            self.publish()
+            return False
+        was, self.stale = self.stale, True
+        return not was
 
     @property
     def header_lock(self) -> threading.Lock:

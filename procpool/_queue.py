@@ -20,6 +20,7 @@ process group before exiting.
 from __future__ import annotations
 
 import heapq
+import mmap
 import os
 import pickle
 import signal
@@ -75,7 +76,7 @@ class TaskQueue:
                 self._push(*item)
         self.on_change()
 
-    def put_frame(self, frame: bytes) -> None:
+    def put_frame(self, frame: bytes | bytearray | mmap.mmap) -> None:
         """Queue a pickled list of items from the executor's channel (on the dispatch thread)."""
         items: list[Item] = pickle.loads(frame)
         with self._cond:

@@ -15,7 +15,7 @@ from ._states import TaskPriority, TaskStatus
 
 __all__ = ("CancelRef", "TaskFuture", "TaskRecord")
 
-CancelRef = weakref.WeakMethod  # of the executor's _cancel(task_id, kill) -> bool
+CancelRef = weakref.WeakMethod[Callable[[str, bool], bool]]  # the executor's _cancel(task_id, kill)
 
 
 class TaskRecord(NamedTuple):
@@ -81,7 +81,7 @@ class TaskFuture(Future[Any]):
         with self._condition:  # add_done_callback takes it too: none can slip in meanwhile
             if self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED):
                 return True  # cancelled by its caller first
-            if self._done_callbacks:
+            if self._done_callbacks:  # type: ignore[attr-defined]
                 return False
             if rec.status is TaskStatus.COMPLETED:
                 self.set_result(rec.result)  # the lock is reentrant

@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -29,16 +30,17 @@ from typing import Any
 import cloudpickle
 
 from . import _containment as containment
+from ._dispatch import TaskLine
 from ._errors import RemoteTaskError
 from ._metrics import SlotWriter
 from ._payload import dumps, load_call
 from ._process import guard_owner
-from ._dispatch import TaskLine
 from ._queue import STOP, TaskQueueProxy, connect_queue
 
 __all__ = ("Done", "Started", "WorkerSpec", "companion_info", "needs_go_ahead", "run_worker")
 
 IDLE_WAIT = 1.0  # seconds an idle worker waits for a task before it marks its slot idle again
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 RAW_AFTER = 1 << 20  # bytes; a result this big is sent as a raw frame after its message (send_outcome)
 log = logging.getLogger(__name__)
 _here: tuple[Any, bytes, int] | None = None  # the manager's address, its authkey and this slot, once serving
@@ -121,7 +123,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
             break
         assert isinstance(item, tuple)
         task_id, attempt, payload = item
-        spec.conn.send(("started", task_id, attempt))
+        spec.conn.send_bytes(pickle.dumps(("started", task_id, attempt), _PROTOCOL))
         slot.running(task_id)
         done += 1
         after = _AfterReturn(spec, me, subreaper, line, spec.max_tasks is None or done < spec.max_tasks)
@@ -244,9 +246,9 @@ def send_outcome(conn: Connection, message: Done) -> None:
     """
     blob = message[6]
     if blob is None or len(blob) < RAW_AFTER:
-        conn.send(message)
+        conn.send_bytes(pickle.dumps(message, _PROTOCOL))  # plain data: no need of multiprocessing's pickler
         return
-    conn.send((*message[:6], len(blob), *message[7:]))  # an int where the blob was: it follows
+    conn.send_bytes(pickle.dumps((*message[:6], len(blob), *message[7:]), _PROTOCOL))  # the blob follows
     conn.send_bytes(blob)
 
 

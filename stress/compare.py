@@ -21,7 +21,7 @@ import pebble
 
 from procpool import DistributedExecutor
 
-from . import browsers, tasks
+from . import browsers, pertask, tasks
 from .common import OUT, call_cost_us, conclude, percentile, say, table
 from .plot import plot_ratios
 
@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)  # the SIGKILL escalations below are expected
     results: dict[str, dict[str, Any]] = {}
+    measured: list[dict[str, dict[str, float]]] = []
+
+    def per_task() -> dict[str, dict[str, float]]:  # both per-task figures come from one run
+        if not measured:
+            measured.append(pertask.measure(args.tasks // 3, args.repeat * 20, 3))
+        return measured[0]
+
     for name, measure in [
         ("throughput one by one (tasks/s)", lambda: throughput(args.tasks, batched=False)),
         ("throughput batched (tasks/s)", lambda: throughput(args.tasks, batched=True)),
@@ -46,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
             f"throughput map(chunksize={args.chunksize}) (tasks/s)",
             lambda: map_throughput(args.tasks, args.chunksize),
         ),
+        ("excess time per 1 ms task (us)", lambda: pertask.by_pool(per_task(), pertask.EXCESS)),
+        ("submit to start, idle pool, median (us)", lambda: pertask.by_pool(per_task(), pertask.START)),
         (
             "deadline to reported, honours SIGTERM, p99 (ms)",
             lambda: deadline_latency(tasks.hang, args.repeat),

@@ -2,8 +2,9 @@
 pebble and loky, 2 workers each, fork.
 
 - excess per 1 ms task: tasks that each burn 1 ms of CPU, submitted at once;
-  (wall time x workers / tasks) - 1 ms. On a 2-core machine every microsecond
-  the pool spends in its caller or helper processes is taken from the workers.
+  wall time / tasks - 1 ms / workers (efficiency = 0.5 ms / (0.5 ms + excess)).
+  On a 2-core machine every microsecond the pool spends in its caller or
+  helper processes is taken from the workers.
 - submit -> start: on an idle warm pool, from before the submit call to the
   task's first line (``time.monotonic`` is one clock for all processes), median.
 - CPU per task, per process (procpool only): psutil CPU times of the caller,
@@ -31,6 +32,8 @@ from .common import conclude, say, table
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
 SPIN_MS = 1.0
+EXCESS = "excess per 1 ms task (us)"
+START = "submit -> start, median (us)"
 
 Submit = Callable[..., Callable[[], Any]]  # submit(fn, *args) -> a function that waits for the result
 
@@ -42,20 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    figures: dict[str, dict[str, float]] = {}
-    for name, pool in POOLS.items():
-        say(f"measuring {name} ...")
-        with pool() as submit:
-            figures[name] = {
-                "excess per 1 ms task (us)": _median(args.rounds, lambda: excess_us(submit, args.tasks)),
-                "submit -> start, median (us)": _median(args.rounds, lambda: start_us(submit, args.starts)),
-            }
+    figures = measure(args.tasks, args.starts, args.rounds)
     say("measuring procpool's CPU per task ...")
     cpu = cpu_per_task(args.tasks * 5)
-    rows = [[name, f["excess per 1 ms task (us)"], f["submit -> start, median (us)"]] for name, f in figures.items()]
-    shown = table(["pool", "excess per 1 ms task (us)", "submit -> start, median (us)"], rows)
+    rows = [[name, f[EXCESS], f[START]] for name, f in figures.items()]
+    shown = table(["pool", EXCESS, START], rows)
     shown += "\n\nprocpool CPU per no-op task (us)\n" + table(["process", "us"], list(cpu.items()))
     return conclude("pertask", {"pools": figures, "procpool cpu per task (us)": cpu}, shown)
+
+
+def measure(n: int, starts: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Both figures for every pool: {pool: {figure: value}}."""
+    figures: dict[str, dict[str, float]] = {}
+    for name, pool in POOLS.items():
+        say(f"  {name} ...")
+        with pool() as submit:
+            figures[name] = {
+                EXCESS: _median(rounds, lambda: excess_us(submit, n)),
+                START: _median(rounds, lambda: start_us(submit, starts)),
+            }
+    return figures
+
+
+def by_pool(figures: dict[str, dict[str, float]], figure: str) -> dict[str, Any]:
+    """One figure of ``measure``'s, as {pool: value}."""
+    return {name: values[figure] for name, values in figures.items()}
 
 
 def _median(rounds: int, fn: Callable[[], float]) -> float:
@@ -70,7 +84,7 @@ def excess_us(submit: Submit, n: int) -> float:
     for wait in waits:
         wait()
     wall = time.perf_counter() - start
-    return (wall * WORKERS / n - SPIN_MS / 1000) * 1e6
+    return (wall / n - SPIN_MS / 1000 / WORKERS) * 1e6
 
 
 def start_us(submit: Submit, n: int) -> float:

@@ -261,3 +261,15 @@ class SlowToUnpickle:
 
 def return_slow_to_unpickle(seconds: float, value: object) -> SlowToUnpickle:
     return SlowToUnpickle(seconds, value)
+
+
+class _KillsWhenPickled:
+    """A result whose pickling SIGKILLs the worker: it has asked for its next task by then."""
+
+    def __reduce__(self) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+
+def return_death_on_pickling() -> object:
+    return _KillsWhenPickled()

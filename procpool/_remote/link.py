@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .._dispatch import TaskLine
 from .._errors import RemoteWorkerError
 from .._metrics import MemoryWriter, SlotWriter
 from .._process import guard_owner
-from .._dispatch import TaskLine
 from .._queue import STOP
 from .._worker import needs_go_ahead, send_outcome
 from .frames import FrameReader, encode

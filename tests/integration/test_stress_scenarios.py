@@ -43,8 +43,17 @@ def test_soak_without_browsers_sees_no_growth(tmp_path: Path) -> None:
 def test_compare_measures_every_figure_and_charts_the_ratios(tmp_path: Path) -> None:
     report = scenario(tmp_path, "compare", "--tasks", "200", "--repeat", "2")
     figures = report["figures"]
-    assert len(figures) == 10 and all("procpool" in f for f in figures.values())
+    assert len(figures) == 12 and all("procpool" in f for f in figures.values())
     assert (tmp_path / "stress-out" / "compare.png").exists()
+
+
+def test_pertask_measures_every_pool_and_procpools_cpu(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "pertask", "--tasks", "100", "--starts", "10", "--rounds", "1")
+    pools = report["figures"]["pools"]
+    assert set(pools) == {"procpool", "ProcessPoolExecutor", "multiprocessing.Pool", "pebble", "loky"}
+    assert all(0 < f["submit -> start, median (us)"] < 1e6 for f in pools.values())
+    cpu = report["figures"]["procpool cpu per task (us)"]
+    assert all(value > 0 for value in cpu.values())
 
 
 def test_overhead_reports_its_figures(tmp_path: Path) -> None:
