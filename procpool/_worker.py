@@ -39,7 +39,7 @@ from ._queue import STOP, TaskQueueProxy, connect_queue
 
 __all__ = ("Done", "Started", "WorkerSpec", "companion_info", "needs_go_ahead", "run_worker")
 
-IDLE_WAIT = 1.0  # seconds an idle worker waits for a task before it marks its slot idle again
+IDLE_WAIT = 1.0  # seconds an idle worker waits for a task in one go
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 RAW_AFTER = 1 << 20  # bytes; a result this big is sent as a raw frame after its message (send_outcome)
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
     while spec.max_tasks is None or done < spec.max_tasks:
         item = line.next(IDLE_WAIT)
         if item is None:
-            slot.idle()
-            continue
+            continue  # idle: the heartbeat thread beats meanwhile
         if item == STOP:
             break
         assert isinstance(item, tuple)
