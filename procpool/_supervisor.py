@@ -345,6 +345,7 @@ class Supervisor(threading.Thread):
         self.workers.bury(w)  # whatever it left behind, however detached
         self.timers.discard(("kill", w.slot, w.pid))
         lost = self.events.on_death(w, exitcode)
+        self.ledger.flush()  # its task is reported now, not after the replacement's fork
         self.workers.reaped(w, lost)
         if self.remote.removing(w.slot):
             self.remote.drop(w.slot)
