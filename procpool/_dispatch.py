@@ -87,6 +87,8 @@ class Dispatcher:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # a wake-up is pending already
+        except BrokenPipeError:
+            pass  # closed: nothing to wake
 
     def close(self) -> None:
         """Stop both threads and close every line (the manager process ends without this)."""

@@ -28,7 +28,7 @@ from ._outbox import Outbox
 from ._payload import loads_gently
 from ._remote.slots import DEADLINE_MARGIN
 from ._scheduling import Timers, should_retry
-from ._states import TERMINAL, TaskStatus
+from ._states import TERMINAL, TaskStatus, WorkerState
 from ._task import Task
 from ._worker import needs_go_ahead
 from ._workers import Worker, WorkerSet
@@ -104,7 +104,7 @@ class TaskEvents:
         that one goes back in its place.
         """
         if self.workers.doom(w, reason, attempt):
-            self.link.send(lambda q: q.release(w.key), lambda lease: self._put_back(w, lease))
+            self.link.send(lambda q: q.release(w.key), lambda lease: self._released(w, lease))
 
     def retire(self, w: Worker) -> None:
         """``w`` takes no more tasks, and ends after its current one."""
@@ -112,18 +112,24 @@ class TaskEvents:
             key = w.key
             self.link.send(lambda q: q.retire(key))  # off this thread: the manager may be frozen
 
-    def _put_back(self, w: Worker, lease: tuple[str, int] | None) -> None:
-        if lease is not None and lease != w.killed_for:
-            self._requeue(lease)
+    def _released(self, w: Worker, lease: tuple[str, int] | None) -> None:
+        """The manager's answer to ``release``: the attempt it had handed ``w``, if any.
 
-    def _requeue(self, lease: tuple[str, int]) -> None:
-        """Queue a leased attempt again, in its place, as if never taken."""
-        task = self.tasks.get(lease[0])
-        # Only a task whose "started" was not read can be released with a doomed worker.
-        waiting = (TaskStatus.PENDING, TaskStatus.RETRYING)
-        if task is None or task.attempt != lease[1] or task.status not in waiting:
+        It is settled once ``w`` is dead and all it sent has been read, whichever comes
+        last: only then does "its start was never read" mean "it never started".
+        """
+        w.released, w.release_known = lease, True
+        if w.state is WorkerState.GONE:
+            self._settle_released(w)
+
+    def _settle_released(self, w: Worker) -> None:
+        lease = w.released
+        task = None if lease is None else self.tasks.get(lease[0])
+        if lease is None or task is None or task.attempt != lease[1]:
             return
-        self._put(task)
+        if task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
+            self._put(task)  # handed out and never started: back in its place, no attempt counted
+        # Started: it was w's lease when it died, and on_death settled it.
 
     def _put(self, task: Task) -> None:
         """Queue the task's current attempt (a retry keeps its place: same priority and seq)."""
@@ -152,10 +158,12 @@ class TaskEvents:
         if task is not None and task.attempt == attempt and task.status is TaskStatus.CANCELLED:
             self.kill(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
             return None
-        if task is None or task.attempt != attempt or task.status in TERMINAL or not w.counts:
-            return None
-        if w.stopping:
-            return None  # taken by a worker being killed: its release puts the task back
+        stale = task is None or task.attempt != attempt or task.status in TERMINAL
+        if stale or w.killed_for == (task_id, attempt):
+            return None  # or the attempt its worker is being killed for: fenced out
+        assert task is not None
+        # A worker being killed for another attempt may still run this one (it was handed it
+        # first): it counts, and if the worker dies first, on_death retries it.
         self.ledger.start(task, w.name)
         # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
         margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
@@ -172,10 +180,12 @@ class TaskEvents:
         _, task_id, attempt, ok = message[:4]
         w.lease = None
         task = self.tasks.get(task_id)
-        if task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING or not w.counts:
+        stale = task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING
+        if stale or w.killed_for == (task_id, attempt):
             if needs_go_ahead(message):
                 self._go_ahead(w)
             return  # a stale attempt, or one being killed: fenced out
+        assert task is not None
         self.timers.discard(("deadline", task_id, attempt))
         self.decoding.add((task_id, attempt))
         if ok and _plain(message[6]):
@@ -234,40 +244,29 @@ class TaskEvents:
     # -- deaths --------------------------------------------------------------------
 
     def on_death(self, w: Worker, exitcode: int | None) -> int:
-        """Settle the task a dead worker held; returns 1 if a task was lost with it."""
+        """Settle the tasks of a dead worker (all it sent has been read); 1 if one died with it.
+
+        The attempt it was killed for ends as its kill says; one it had started otherwise
+        is retried; one the manager had handed it that it never started goes back in its
+        place (once the manager has said which: ``_released``).
+        """
+        lost = 0
         if w.killed_for is not None:
             task = self.tasks.get(w.killed_for[0])
             if task is not None and task.attempt == w.killed_for[1] and task.status not in TERMINAL:
                 self._finish_killed(task, w)
-            return 1
-        if w.kill_reason == "hung":
-            w.lease = None  # released when it was doomed; its task, if any, was put back then
-            return 0
-        lease, lost = w.lease, 0
-        if lease is not None:
-            lost = self._lost(w, lease, exitcode)
-        # It may have been handed a task it died before starting (or while its last result
-        # was on the way, having asked for more): the manager knows.
-        self.link.send(
-            lambda q: q.release(w.key),
-            lambda held: None if held == lease else self._release_held(w, held, exitcode),
-        )
+            lost = 1
+        if w.lease is not None and w.lease != w.killed_for:
+            lost = max(lost, self._lost(w, w.lease, exitcode))
+        if w.kill_reason is None:  # not killed by us: ask the manager what it had handed it
+            self.link.send(lambda q: q.release(w.key), lambda lease: self._released(w, lease))
+        elif w.release_known:
+            self._settle_released(w)
         return lost
 
-    def _release_held(self, w: Worker, held: tuple[str, int] | None, exitcode: int | None) -> None:
-        """A task the manager had handed a worker that died: one it never started goes back in
-        its place with no attempt counted (it never ran); one it started was lost with it."""
-        task = None if held is None else self.tasks.get(held[0])
-        if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RETRYING):
-            self._requeue(held)  # type: ignore[arg-type]
-        else:
-            self._lost(w, held, exitcode, late=True)
-
-    def _lost(
-        self, w: Worker, lease: tuple[str, int] | None, exitcode: int | None, late: bool = False
-    ) -> int:
-        """Retry (or fail) the attempt a dead worker held; returns 1 if it was lost with it."""
-        if lease is None or lease in self.decoding:
+    def _lost(self, w: Worker, lease: tuple[str, int], exitcode: int | None) -> int:
+        """Retry (or fail) the attempt a dead worker had started; returns 1 if it was lost with it."""
+        if lease in self.decoding:
             return 0  # none, or it ended before the worker did (its outcome is being unpickled)
         task = self.tasks.get(lease[0])
         if task is None or task.attempt != lease[1] or task.status in TERMINAL:
@@ -278,8 +277,6 @@ class TaskEvents:
             f"task {task.task_id} (attempt {task.attempt} of {retries})"
         )
         self._fail_attempt(task, w.name, error, retryable=True)
-        if late:
-            self.workers.count_lost(w.slot)
         return 1
 
     def _finish_killed(self, task: Task, w: Worker) -> None:
@@ -379,7 +376,7 @@ class TaskEvents:
         w.lease = None
         task = self.tasks.get(task_id)
         live = task is not None and task.attempt == attempt and task.status is TaskStatus.RUNNING
-        if live and w.counts:
+        if live and w.killed_for != (task_id, attempt):
             assert task is not None and w.host is not None
             self.timers.discard(("deadline", task_id, attempt))
             where = f"{w.name} on {w.host.address}"

@@ -70,11 +70,8 @@ class Worker:
     cpu_ticks: int = -1  # its CPU time (clock ticks) at the last look; -1 before the first
     state_seen: str = "wedged"  # what /proc said of it at the last look
     init_error: BaseException | None = None  # what its initializer raised, if it did
-
-    @property
-    def counts(self) -> bool:
-        """Whether what it says about its tasks still counts (it is not fenced off)."""
-        return self.state is not WorkerState.FENCED
+    released: tuple[str, int] | None = None  # what the manager had handed it, once it was killed
+    release_known: bool = False  # the manager has said so (see TaskEvents._released)
 
     @property
     def stopping(self) -> bool:
@@ -259,12 +256,6 @@ class WorkerSet:
         restarts = self._restarts[slot]
         kind = 1 if slot < self.cfg.max_local_workers else 2  # local, remote_ssh (KIND_NAMES)
         section.write(name.encode(), kind, int(active), pid, created, restarts, old[6] + lost, int(healthy))
-
-    def count_lost(self, slot: int) -> None:
-        """Count a task lost with a slot's worker, found out after the slot was published."""
-        section = self._sections[slot]
-        old = section.read_own()
-        section.write(*old[:6], old[6] + 1, old[7])
 
     def mark_unhealthy(self, w: Worker) -> None:
         self.publish(w.slot, w.name, w.pid, active=True, healthy=False)

@@ -273,3 +273,9 @@ class _KillsWhenPickled:
 
 def return_death_on_pickling() -> object:
     return _KillsWhenPickled()
+
+
+def deafen() -> int:
+    """Make this worker ignore SIGTERM from now on (for later tasks too), and return its pid."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return os.getpid()

@@ -103,3 +103,16 @@ def test_submissions_from_many_threads_all_run_once(make_executor: Make) -> None
     )
     stats = executor.get_stats()
     assert stats["completed_tasks"] == 800 and stats["total_tasks"] == 800
+
+
+def test_tasks_queued_behind_one_killed_on_a_deaf_worker_run_once(make_executor: Make) -> None:
+    # A worker deaf to SIGTERM runs on through its kill grace: the task it is killed for
+    # ends as a timeout, and the tasks queued behind it run once each, elsewhere or after.
+    executor = make_executor(max_local_workers=1, max_retries=0, kill_grace=1.5)
+    pid = executor.submit(faults.deafen).result(timeout=20)
+    slow = executor.submit_task(faults.sleep_then, args=(0.5, "late"), timeout=0.2)
+    after = [executor.submit_task(faults.double, args=(i,)) for i in range(3)]
+    assert executor.wait_for_tasks(after, timeout=30) == [0, 2, 4]
+    assert executor.get_task(slow).status is TaskStatus.CANCELLED  # its deadline: it was killed
+    assert all(executor.get_task(t).attempts == 1 for t in after)
+    assert wait_until(lambda: executor.get_stats()["workers"]["local-worker-0"]["pid"] != pid, 10)
