@@ -108,7 +108,10 @@ class Outbox:
                     self._lock.wait()
                 if self._broken or not (self._rest or self._waiting):
                     return
-            select.select([], [self._fd], [], 1.0)  # the socket can take more (or a second passed)
+            try:
+                select.select([], [self._fd], [], 1.0)  # the socket can take more (or a second passed)
+            except (OSError, ValueError):
+                return  # closed by close() after its bounded wait: the manager never drained it
             with self._lock:
                 if self._broken:
                     return

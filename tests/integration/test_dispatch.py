@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
+from pathlib import Path
 
 import faults
 import pytest
@@ -116,3 +119,25 @@ def test_tasks_queued_behind_one_killed_on_a_deaf_worker_run_once(make_executor:
     assert executor.get_task(slow).status is TaskStatus.CANCELLED  # its deadline: it was killed
     assert all(executor.get_task(t).attempts == 1 for t in after)
     assert wait_until(lambda: executor.get_stats()["workers"]["local-worker-0"]["pid"] != pid, 10)
+
+
+def test_submissions_never_block_on_a_frozen_manager_and_all_arrive_in_order(
+    make_executor: Make, tmp_path: Path
+) -> None:
+    executor = make_executor(max_local_workers=1)
+    manager = executor._supervisor.manager._process.pid  # type: ignore[union-attr]
+    log = tmp_path / "order.log"
+    os.kill(manager, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        pad = "x" * 2048  # a few MB in all: far more than the channel's socket holds
+        ids = [executor.submit_task(faults.record_order, args=(str(log), f"{i} {pad}")) for i in range(1500)]
+        assert time.monotonic() - start < 10.0  # none waited for the frozen manager
+        assert executor._outbox._waiting  # the socket is full: the rest waits, in order
+        dropped = ids[-1]
+        assert executor.cancel_task(dropped) is True  # taken back before it was ever written
+    finally:
+        os.kill(manager, signal.SIGCONT)
+    assert len(executor.wait_for_tasks(ids[:-1], timeout=120)) == 1499
+    order = [int(line.split()[0]) for line in log.read_text().splitlines()]
+    assert order == list(range(1499))  # one worker: submission order, and the cancelled one never ran
