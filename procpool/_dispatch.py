@@ -31,15 +31,14 @@ import os
 import pickle
 import select
 import selectors
-import struct
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Protocol
 
-from ._inbox import Inbox
+from ._inbox import Inbox, framed
 
-__all__ = ("STOP_FRAME", "Dispatcher", "TaskLine", "framed", "open_channel")
+__all__ = ("STOP_FRAME", "Dispatcher", "TaskLine", "open_channel")
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,6 @@ STOP_FRAME = b"S"
 READY = b"R"
 _HELLO_WORKER = "worker"
 _HELLO_CHANNEL = "channel"
-_HEADER = struct.Struct("!i")  # multiprocessing.connection's frame header (frames under 2 GiB)
-_HUGE = struct.Struct("!Q")  # after a header of -1, for bigger frames
 
 
 class Queue(Protocol):
@@ -85,10 +82,8 @@ class Dispatcher:
         """Have the dispatch thread look at the queue again (from any thread)."""
         try:
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # a wake-up is pending already
-        except BrokenPipeError:
-            pass  # closed: nothing to wake
+        except (BlockingIOError, BrokenPipeError):
+            pass  # a wake-up is pending already, or the dispatcher has closed
 
     def close(self) -> None:
         """Stop both threads and close every line (the manager process ends without this)."""
@@ -208,13 +203,6 @@ def _send_rest(fd: int, data: memoryview) -> None:
         pass  # it died; the dispatch thread sees its line close
     finally:
         os.close(fd)
-
-
-def framed(data: bytes) -> bytes:
-    """``data`` with ``multiprocessing.connection``'s frame header, as ``send_bytes`` writes it."""
-    if len(data) < 0x7FFFFFFF:
-        return _HEADER.pack(len(data)) + data
-    return _HEADER.pack(-1) + _HUGE.pack(len(data)) + data
 
 
 def _connect(address: Any, authkey: bytes, kind: str, name: str) -> Connection:

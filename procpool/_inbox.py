@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 
-__all__ = ("Frame", "Inbox")
+__all__ = ("Frame", "Inbox", "framed")
 
 Frame = bytearray | mmap.mmap  # a message as it came: small ones in a bytearray, big ones in an mmap
 
@@ -26,6 +26,15 @@ _CHUNK = 1 << 20  # bytes asked of the socket per read
 _PER_CALL = 8 << 20  # bytes read per call at most, so one huge result cannot hold the loop up
 _BIG = 1 << 20  # frames at least this long get a buffer of their own
 _DONTFORK = getattr(mmap, "MADV_DONTFORK", None)
+_HEADER = struct.Struct("!i")  # multiprocessing.connection's frame header (frames under 2 GiB)
+_HUGE = struct.Struct("!Q")  # after a header of -1, for bigger frames
+
+
+def framed(data: bytes) -> bytes:
+    """``data`` with ``multiprocessing.connection``'s frame header, as ``send_bytes`` writes it."""
+    if len(data) < 0x7FFFFFFF:
+        return _HEADER.pack(len(data)) + data
+    return _HEADER.pack(-1) + _HUGE.pack(len(data)) + data
 
 
 class Inbox:
@@ -89,12 +98,12 @@ class Inbox:
         buf = self._buf
         start = 0
         while len(buf) - start >= 4:
-            (size,) = struct.unpack_from("!i", buf, start)
+            (size,) = _HEADER.unpack_from(buf, start)
             head = 4
             if size == -1:
                 if len(buf) - start < 12:
                     break
-                (size,) = struct.unpack_from("!Q", buf, start + 4)
+                (size,) = _HUGE.unpack_from(buf, start + 4)
                 head = 12
             body = start + head
             if len(buf) - body >= size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures._base import PENDING as _PENDING
 from typing import Any
 
 import cloudpickle
@@ -109,7 +110,7 @@ class Ledger:
                     counters.exec_count += 1
             self._dirty = True
         if status is TaskStatus.RUNNING:
-            if task.future._state == "PENDING":
+            if task.future._state == _PENDING:
                 task.future.set_running_or_notify_cancel()  # Future.running() from its first start
         elif status in TERMINAL:
             task.payload = None

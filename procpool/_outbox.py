@@ -21,7 +21,7 @@ import select
 import threading
 from multiprocessing.connection import Connection
 
-from ._dispatch import framed
+from ._inbox import framed
 from ._queue import Item
 
 __all__ = ("Outbox",)

@@ -69,13 +69,6 @@ class TaskQueue:
             self._push(priority, seq, task_id, attempt, payload)
         self.on_change()
 
-    def put_many(self, items: list[Item]) -> None:
-        """Queue many attempts in one call."""
-        with self._cond:
-            for item in items:
-                self._push(*item)
-        self.on_change()
-
     def put_frame(self, frame: bytes | bytearray | mmap.mmap) -> None:
         """Queue a pickled list of items from the executor's channel (on the dispatch thread)."""
         items: list[Item] = pickle.loads(frame)
@@ -180,7 +173,7 @@ class TaskQueueProxy(BaseProxy):
     """Explicit proxy: no method discovery round trip, typed methods."""
 
     _exposed_ = (
-        "put", "put_many", "cancel", "retire", "release",
+        "put", "cancel", "retire", "release",
         "companion", "stop_companions", "dispatch_address", "depth", "close",
     )  # fmt: skip
 
@@ -189,9 +182,6 @@ class TaskQueueProxy(BaseProxy):
 
     def put(self, priority: int, seq: int, task_id: str, attempt: int, payload: bytes) -> None:
         self._call("put", (priority, seq, task_id, attempt, payload))
-
-    def put_many(self, items: list[Item]) -> None:
-        self._call("put_many", (items,))
 
     def cancel(self, task_id: str, seq: int = 0) -> str | None:
         return cast("str | None", self._call("cancel", (task_id, seq)))

@@ -18,7 +18,7 @@ def drain(queue: TaskQueue, worker: str = "w.0") -> list[str]:
 
 def test_priority_first_then_submission_order() -> None:
     q = TaskQueue()
-    q.put_many([(2, 1, "n1", 1, b""), (3, 2, "l1", 1, b""), (0, 3, "u1", 1, b"")])
+    q.put_frame(pickle.dumps([(2, 1, "n1", 1, b""), (3, 2, "l1", 1, b""), (0, 3, "u1", 1, b"")]))
     q.put(1, 4, "h1", 1, b"")
     q.put(0, 5, "u2", 1, b"")
     q.put(2, 6, "n2", 1, b"")
