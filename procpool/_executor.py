@@ -91,6 +91,11 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             read by id; older ones are released, so memory follows what is
             pending and what the caller holds (a Future keeps its own result).
             None keeps them all, or for ever. Counts in ``get_stats()`` stay exact.
+        queue: a PostgreSQL DSN ("postgresql://..."): cluster mode, where the
+            queue, leases and results live in that database and hosts running
+            ``python -m procpool host`` serve it; ``max_local_workers`` slots
+            are then served by this process too (0: submit only). Needs the
+            ``procpool[postgres]`` extra. See README, "Cluster mode".
         max_workers, mp_context, max_tasks_per_child: the names
             ``ProcessPoolExecutor`` uses for ``max_local_workers``,
             ``start_method`` (a context) and ``max_tasks_per_worker``.
@@ -98,6 +103,13 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
     Raises:
         ValueError, TypeError: a setting is out of range or of the wrong type.
     """
+
+    def __new__(cls, *args: Any, queue: str | None = None, **options: Any) -> DistributedExecutor:
+        if queue is not None and cls is DistributedExecutor:
+            from ._cluster.client import ClusterExecutor  # psycopg: the postgres extra
+
+            return super().__new__(ClusterExecutor)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -123,7 +135,10 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         max_tasks_per_child: int | None = None,
         max_finished_tasks: int | None = 10_000,
         finished_task_ttl: float | None = 3600.0,
+        queue: str | None = None,
     ) -> None:
+        if queue is not None:
+            raise TypeError(f"queue= is taken by DistributedExecutor itself, not by {type(self).__name__}")
         max_local_workers = _alias("max_workers", max_workers, "max_local_workers", max_local_workers, 3) or 0
         max_tasks_per_worker = _alias(
             "max_tasks_per_child", max_tasks_per_child, "max_tasks_per_worker", max_tasks_per_worker, None
@@ -302,16 +317,22 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
         blobs: dict[int, bytes] = {}  # a batch pickles each distinct function once
         payloads = [_pickle(f"{where}{i}: " if where else "", blobs, *item) for i, item in enumerate(items)]
+        return self._enqueue([_name(fn) for fn, _, _ in items], payloads, prio, deadline, futures_api)
+
+    def _enqueue(
+        self, names: list[str], payloads: list[bytes], prio: TaskPriority, deadline: float, futures_api: bool
+    ) -> list[Task]:
+        """Queue tasks already pickled (``dump_call``): the path of ``submit`` and of cluster hosts."""
         now = time.time()
         with self._submit_lock:
             if self._closed is not None:
                 raise self._closed
             tasks = []
-            for (fn, _, _), payload in zip(items, payloads, strict=True):
+            for name, payload in zip(names, payloads, strict=True):
                 seq = self._last_seq = next(self._seq)
                 task_id = f"task-{seq}"
                 future = TaskFuture(task_id, self._cancel_ref, kills=not futures_api)
-                tasks.append(Task(task_id, prio, seq, _name(fn), payload, deadline, future, now, futures_api))
+                tasks.append(Task(task_id, prio, seq, name, payload, deadline, future, now, futures_api))
             self._count_new(tasks)
             for task in tasks:
                 self._tasks[task.task_id] = task

@@ -1,0 +1,1 @@
+"""Cluster mode: the queue, leases, attempts and results in PostgreSQL (see ``store``)."""

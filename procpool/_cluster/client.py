@@ -1,0 +1,395 @@
+"""``DistributedExecutor(queue="postgresql://...")``: the seed API over the cluster's database.
+
+user threads ── submit (one INSERT per batch) ──▶ procpool_tasks ◀── hosts claim and finish
+watch thread ── LISTEN procpool_done, and a poll of what it waits for ──▶ Futures, callbacks
+stats thread ── counts by state, priority and host ──▶ the local shared-memory block
+in-process host (max_local_workers > 0) ── serves that many slots, as ``procpool host`` does
+
+Tasks outlive their submitter: any executor on the same queue reads a task
+by id. ``get_stats()`` reads the block the stats thread writes (its
+``cluster_age`` says how old), so it makes no call at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from .._callbacks import Callbacks, Lane
+from .._config import check_positive, check_priority
+from .._errors import ExecutorShutdownError, TaskCancelledError
+from .._executor import DistributedExecutor, _name, _pickle, _shutdown_at_exit
+from .._metrics import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, MetricsBlock
+from .._snapshot import read_snapshot
+from .._states import TERMINAL, TaskPriority, TaskStatus
+from .._task import CancelRef, TaskFuture, TaskRecord
+from .host import DEFAULT_LEASE, Host
+from .outcome import load_error, load_result
+from .store import DONE, Listener, Row, Store, StoreError, check_dsn, masked
+
+__all__ = ("ClusterExecutor",)
+
+log = logging.getLogger("procpool.cluster")
+
+_POLL = 1.0  # seconds between looks at the table for awaited tasks (a notification may be lost)
+_STATS_EVERY = 0.5  # seconds between copies of the cluster's counts into the block
+_EVENTS = {TaskStatus.COMPLETED: "task_complete", TaskStatus.FAILED: "task_failed"}
+_SLOT = {"pending": PENDING, "retrying": PENDING, "running": RUNNING, "completed": COMPLETED}
+_SLOT |= {"failed": FAILED, "cancelled": CANCELLED}
+
+
+class _Submitted(NamedTuple):
+    task_id: str
+    future: TaskFuture
+
+
+class ClusterExecutor(DistributedExecutor):
+    """The executor in cluster mode; made by ``DistributedExecutor(queue=dsn)``.
+
+    Args:
+        queue: the PostgreSQL DSN (its password never reaches a log, a repr
+            or the stats; TLS settings pass through it).
+        max_local_workers: slots this process serves itself (0: submit only).
+        task_timeout, max_retries: defaults for the tasks it submits.
+        lease: seconds a host's claim lasts without renewal (the in-process host's).
+        result_ttl: seconds the database keeps an ended task (hosts drop older ones).
+        pool_options: for the in-process host's local pool.
+    """
+
+    def __init__(
+        self,
+        max_local_workers: int = 3,
+        task_timeout: float = 300,
+        enable_remote: bool = False,
+        max_retries: int = 3,
+        *,
+        queue: str,
+        lease: float = DEFAULT_LEASE,
+        result_ttl: float | None = 86400.0,
+        max_workers: int | None = None,
+        **pool_options: Any,
+    ) -> None:
+        if max_workers is not None:
+            max_local_workers = max_workers
+        if isinstance(max_local_workers, bool) or not isinstance(max_local_workers, int):
+            raise TypeError(f"max_local_workers must be an int, not {type(max_local_workers).__name__}")
+        if max_local_workers < 0:
+            raise ValueError(f"max_local_workers must be at least 0, not {max_local_workers}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
+        if enable_remote:
+            raise ValueError("enable_remote is for the single-machine queue: in cluster mode add hosts")
+        self._dsn = check_dsn(queue)
+        self._task_timeout = check_positive("task_timeout", task_timeout)
+        self._max_retries = max_retries
+        self._owner = os.getpid()
+        self._submitter = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._submit_lock = threading.Lock()
+        self._closed: BaseException | None = None
+        self._final_stats: dict[str, Any] | None = None
+        self._callbacks = Callbacks()
+        self._futures_lane = Lane("procpool-futures")
+        self._cancel_ref: CancelRef = weakref.WeakMethod(self._cancel)
+        self._waiting: dict[int, TaskFuture] = {}  # tasks someone awaits, by database id
+        self._waiting_lock = threading.Lock()
+        self._store = Store(self._dsn)
+        self._store.create_schema()  # and the database is reachable: a wrong DSN fails here
+        self._metrics = MetricsBlock(0)
+        self._cluster: dict[str, Any] = {"hosts": {}, "age": None}
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._watch, name="procpool-cluster-watch", daemon=True),
+            threading.Thread(target=self._mirror, name="procpool-cluster-stats", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._host: Host | None = None
+        if max_local_workers:
+            self._host = Host(
+                self._dsn, max_local_workers, lease=lease, result_ttl=result_ttl,
+                task_timeout=task_timeout, **pool_options,
+            )  # fmt: skip
+            self._host.start()
+            self._host.ready.wait()
+            if self._host.error is not None:
+                error = self._host.error
+                self.shutdown()
+                raise error
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    def __repr__(self) -> str:
+        state = "running" if self._closed is None else "closed"
+        return f"<DistributedExecutor {state} queue={masked(self._dsn)}>"
+
+    # -- submitting ------------------------------------------------------------
+
+    def _submit_many(  # type: ignore[override]
+        self,
+        items: Sequence[tuple[Any, Any, Any]],
+        priority: object,
+        timeout: float | None,
+        where: str,
+        futures_api: bool = False,
+    ) -> list[_Submitted]:
+        self._check_owner()
+        prio = check_priority(priority)
+        deadline = self._task_timeout if timeout is None else check_positive("timeout", timeout)
+        blobs: dict[int, bytes] = {}
+        rows = [
+            (int(prio), _name(item[0]), _pickle(f"{where}{i}: " if where else "", blobs, *item),
+             deadline, self._max_retries, not futures_api)
+            for i, item in enumerate(items)
+        ]  # fmt: skip
+        with self._submit_lock:
+            if self._closed is not None:
+                raise self._closed
+            ids = self._store.submit(rows, self._submitter)
+            with self._waiting_lock:
+                submitted = [_Submitted(_task_id(i), self._await(i, kills=not futures_api)) for i in ids]
+        return submitted
+
+    def _await(self, number: int, kills: bool = True) -> TaskFuture:
+        """The Future of a task this executor waits for (call with ``_waiting_lock``)."""
+        future = self._waiting.get(number)
+        if future is None:
+            future = self._waiting[number] = TaskFuture(_task_id(number), self._cancel_ref, kills=kills)
+        return future
+
+    # -- results ---------------------------------------------------------------
+
+    def _row(self, task_id: str) -> Row:
+        self._check_owner()
+        number = _number(task_id)
+        rows = self._store.rows([number]) if number is not None else []
+        if not rows:
+            raise KeyError(
+                f"unknown task id {task_id!r} (in cluster mode an ended task is kept for result_ttl)"
+            )
+        return rows[0]
+
+    def _row_number(self, task_id: str) -> int:
+        number = _number(task_id)
+        assert number is not None  # only after _row(task_id) found it
+        return number
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        return _record(self._row(task_id))
+
+    def future(self, task_id: str) -> concurrent.futures.Future[Any]:
+        row = self._row(task_id)
+        with self._waiting_lock:
+            future = self._await(row.task_id)
+        if row.state in _ENDED:
+            self._settle(row)
+        return future
+
+    def get_task_result(self, task_id: str, wait: bool = True, timeout: float | None = 30) -> Any:
+        row = self._row(task_id)
+        if row.state not in _ENDED:
+            if not wait:
+                return None
+            future = self.future(task_id)
+            try:
+                future.result(timeout)
+            except TimeoutError:
+                if not future.done():
+                    raise TimeoutError(f"task {task_id} has not finished after {timeout} s") from None
+            except BaseException:  # noqa: BLE001 - the row says what to raise
+                pass
+            row = self._row(task_id)
+        record = _record(row)
+        if record.status is TaskStatus.COMPLETED:
+            return record.result
+        assert record.error is not None
+        raise record.error
+
+    def wait_for_tasks(self, task_ids: Sequence[str], timeout: float | None = 60) -> list[Any]:
+        if isinstance(task_ids, str):
+            raise TypeError(f"task_ids must be a list of ids, not the str {task_ids!r}: pass [{task_ids!r}]")
+        futures = [self.future(task_id) for task_id in task_ids]
+        _, pending = concurrent.futures.wait(futures, timeout)
+        if pending:
+            ids = [t for t, f in zip(task_ids, futures, strict=True) if f in pending]
+            raise TimeoutError(f"{len(ids)} of {len(futures)} tasks unfinished after {timeout} s: {ids[:10]}")
+        numbers = [self._row_number(t) for t in task_ids]
+        rows = {r.task_id: r for r in self._store.rows(numbers)}
+        records = [_record(rows[n]) for n in numbers]
+        return [r.result if r.status is TaskStatus.COMPLETED else r.error for r in records]
+
+    def cancel_task(self, task_id: str) -> bool:
+        row = self._row(task_id)
+        return row.state not in _ENDED and self._cancel(task_id, kill=True)
+
+    def _cancel(self, task_id: str, kill: bool) -> bool:
+        number = _number(task_id)
+        return number is not None and self._store.cancel(number, running=kill)
+
+    # -- the watch thread --------------------------------------------------------
+
+    def _watch(self) -> None:
+        listener = Listener(self._dsn, [DONE])
+        next_poll = 0.0
+        try:
+            while not self._stopped.is_set():
+                try:
+                    found = listener.wait(max(0.0, next_poll - time.monotonic()))
+                    with self._waiting_lock:
+                        if time.monotonic() >= next_poll or listener.reconnected:
+                            wanted = list(self._waiting)
+                            next_poll, listener.reconnected = time.monotonic() + _POLL, False
+                        else:
+                            ids = (int(p) for c, p in found if p.isdecimal())
+                            wanted = [i for i in ids if i in self._waiting]
+                    if wanted:
+                        for row in self._store.rows(wanted, ended_only=True):
+                            self._settle(row)
+                except StoreError:
+                    self._stopped.wait(0.5)
+        finally:
+            listener.close()
+
+    def _settle(self, row: Row) -> None:
+        with self._waiting_lock:
+            future = self._waiting.pop(row.task_id, None)
+        if future is None:
+            return
+        record = _record(row)
+        self._futures_lane.put(_settle_future, (future, record))
+        self._callbacks.fire(_EVENTS.get(record.status, "task_cancelled"), record)
+
+    # -- stats -------------------------------------------------------------------
+
+    def _mirror(self) -> None:
+        while not self._stopped.wait(_STATS_EVERY if self._cluster["age"] is not None else 0):
+            try:
+                counts = self._store.counts()
+            except StoreError:
+                continue
+            counters = self._metrics.counters
+            with self._metrics.header_lock:
+                counters.states = [0] * 5
+                for state, number in counts["states"].items():
+                    counters.states[_SLOT[state]] += number
+                counters.total = sum(counters.states)
+                counters.depth = [counts["depth"].get(p, 0) for p in range(4)]
+            self._metrics.publish()
+            hosts = {
+                name: {"type": "host", "active": age < 60, "slots": slots, "busy": busy,
+                       "completed": done, "failed": failed, "load": busy / slots if slots else 0.0,
+                       "seen_seconds_ago": round(float(age), 3)}
+                for name, slots, busy, done, failed, age in counts["hosts"]
+            }  # fmt: skip
+            self._cluster = {"hosts": hosts, "age": time.monotonic()}
+
+    def get_stats(self) -> dict[str, Any]:
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        buf = self._metrics.shm.buf
+        assert buf is not None
+        stats = read_snapshot(buf)
+        cluster = self._cluster
+        hosts = cluster["hosts"]
+        stats["workers"] = {name: dict(view) for name, view in hosts.items()}
+        stats["total_workers"] = sum(view["slots"] for view in hosts.values())
+        stats["active_workers"] = sum(view["busy"] for view in hosts.values())
+        stats["metrics_block"] = self._metrics.name
+        stats["cluster_age"] = None if cluster["age"] is None else time.monotonic() - cluster["age"]
+        return stats
+
+    # -- ending ------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks; with ``wait``, block until the tasks this executor awaits have ended.
+
+        Queued tasks stay in the database for any host (``cancel_futures``
+        cancels the ones this executor awaits that have not started).
+        """
+        if os.getpid() != self._owner:
+            return
+        with self._submit_lock:
+            if self._closed is None:
+                self._closed = ExecutorShutdownError("cannot schedule new futures after shutdown")
+        if cancel_futures:
+            with self._waiting_lock:
+                waiting = list(self._waiting.values())
+            for future in waiting:
+                future.cancel()
+        if wait and not self._on_own_thread():
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="procpool-shutdown", daemon=True).start()
+
+    def _on_own_thread(self) -> bool:
+        return self._futures_lane.is_current() or self._callbacks.lane.is_current()
+
+    def _finish(self) -> None:
+        with self._submit_lock:
+            if self._final_stats is not None:
+                return
+        while True:
+            with self._waiting_lock:
+                waiting = list(self._waiting.values())
+            if not waiting:
+                break
+            concurrent.futures.wait(waiting)
+        if self._host is not None:
+            self._host.stop()
+        self._stopped.set()
+        for thread in self._threads:
+            thread.join()
+        self._futures_lane.close()
+        self._callbacks.close()
+        stats = self.get_stats()
+        with self._submit_lock:
+            self._final_stats = stats
+        self._store.close()
+        self._metrics.close()
+
+
+_ENDED = ("completed", "failed", "cancelled")
+
+
+def _task_id(number: int) -> str:
+    return f"task-{number}"
+
+
+def _number(task_id: object) -> int | None:
+    if isinstance(task_id, str) and task_id.startswith("task-") and task_id[5:].isdecimal():
+        return int(task_id[5:])
+    return None
+
+
+def _record(row: Row) -> TaskRecord:
+    status = TaskStatus(row.state)
+    result = load_result(row.result) if status is TaskStatus.COMPLETED else None
+    error = None
+    if status in TERMINAL and status is not TaskStatus.COMPLETED:
+        error = load_error(row.error, row.error_text)
+    elif row.error_text:
+        error = load_error(row.error, row.error_text)  # the latest failed attempt's
+    elapsed = None if row.finished_at is None or row.started_at is None else row.finished_at - row.started_at
+    return TaskRecord(
+        _task_id(row.task_id), status, TaskPriority(row.priority), row.name, row.attempts, row.host,
+        result, error, row.submitted_at, row.started_at, row.finished_at, elapsed,
+    )  # fmt: skip
+
+
+def _settle_future(item: tuple[TaskFuture, TaskRecord]) -> None:
+    future, record = item
+    if future.done():
+        return
+    if record.status is TaskStatus.COMPLETED:
+        future.set_result(record.result)
+    elif record.status is TaskStatus.FAILED or not isinstance(record.error, TaskCancelledError):
+        future.set_exception(record.error)
+    else:
+        future._mark_cancelled()

@@ -1,0 +1,97 @@
+"""A throwaway PostgreSQL server for the cluster tests and ``stress cluster`` (Debian's postgresql).
+
+``initdb`` in a temporary folder (as the ``postgres`` user when run as root,
+since initdb refuses root), the socket in that folder and no TCP listener,
+trust authentication for local connections. ``stop()`` (fast or immediate,
+a crash) and ``start()`` restart it on the same data; ``close()`` removes it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_START_WAIT = 30  # seconds for pg_ctl to see the server accept connections
+
+
+def bin_dir() -> Path | None:
+    """The folder of initdb and pg_ctl, or None when PostgreSQL is not installed."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    return Path(versions[-1]).parent if versions else None
+
+
+def available() -> bool:
+    if bin_dir() is None:
+        return False
+    if os.geteuid() != 0:
+        return True
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return False
+    return True
+
+
+class Server:
+    """One PostgreSQL server on a Unix socket in its own folder; ``dsn`` reaches its ``postgres`` db."""
+
+    def __init__(self, name: str = "procpool-pg-") -> None:
+        tools = bin_dir()
+        if tools is None:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self._bin = tools
+        self.root = Path(tempfile.mkdtemp(prefix=name))
+        self.data = self.root / "data"
+        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"listen_addresses = ''\nunix_socket_directories = '{self.root}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 200\nlog_min_messages = warning\n"
+            )
+        self.dsn = f"postgresql://{self.user}@/postgres?host={self.root}"
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self._bin / tool), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root)
+
+    def start(self) -> None:
+        log = str(self.root / "server.log")
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-w", "-t", str(_START_WAIT), "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: "fast" ends every session; "immediate" is a crash (recovery at start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def close(self) -> None:
+        if self.running:
+            try:
+                self.stop("immediate")
+            except subprocess.CalledProcessError:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
