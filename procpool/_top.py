@@ -139,16 +139,31 @@ def watch(name: str, interval: float, once: bool, as_json: bool, out: TextIO) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m procpool`` and the ``procpool`` script."""
-    parser = argparse.ArgumentParser(prog="procpool", description="Watch running procpool pools.")
+    about = "Watch running procpool pools; serve a cluster queue."
+    parser = argparse.ArgumentParser(prog="procpool", description=about)
     commands = parser.add_subparsers(dest="command", required=True)
     top = commands.add_parser("top", help="a live view of a pool; lists running pools without a name")
     top.add_argument("name", nargs="?", help="the pool's metrics block (its get_stats()['metrics_block'])")
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--json", action="store_true", help="print snapshots as JSON, one per line")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--queue", help="a cluster's PostgreSQL DSN: its hosts and queue instead of a pool")
+    commands.add_parser("host", help="serve a cluster queue (PostgreSQL): see python -m procpool host -h")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["host"]:
+        from ._cluster import cli  # psycopg: the postgres extra
+
+        host = argparse.ArgumentParser(prog="procpool host", description="Serve a cluster queue.")
+        cli.add_host_arguments(host)
+        return cli.run_host(host.parse_args(argv[1:]))
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error("--interval must be above zero")
+    if args.queue is not None:
+        from ._cluster import cli
+
+        return cli.top_queue(args.queue, args.interval, args.once, args.json, sys.stdout)
     if args.name is None:
         _print_pools(list_pools(), args.json, sys.stdout)
         return 0
