@@ -64,6 +64,21 @@ class Server:
         self.dsn = f"postgresql://{self.user}@/postgres?host={self.root}"
         self.start()
 
+    def database(self, name: str) -> str:
+        """Create an empty database (dropped first if it exists); its DSN."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn.replace("/postgres?", f"/{name}?")
+
+    def drop(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self._bin / tool), *args]
         if os.geteuid() == 0:

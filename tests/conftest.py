@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # so workers can import faults
 
 from procpool import DistributedExecutor
+from stress import pg
 from stress.pages import PageServer
 
 SHUTDOWN_BUDGET = 10.0  # seconds a shutdown may take before the test fails
@@ -58,6 +59,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.Server]:
+    """One throwaway PostgreSQL server for the whole run (cluster mode's tests)."""
+    if not pg.available():
+        pytest.skip("PostgreSQL is not installed (./run tests installs it)")
+    with pg.Server() as server:
+        yield server
+
+
+@pytest.fixture
+def queue_dsn(pg_server: pg.Server, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database on that server, dropped after the test."""
+    name = "q_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    yield pg_server.database(name)
+    pg_server.drop(name)
 
 
 @pytest.fixture(scope="session", autouse=True)
