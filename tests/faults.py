@@ -279,3 +279,20 @@ def deafen() -> int:
     """Make this worker ignore SIGTERM from now on (for later tasks too), and return its pid."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return os.getpid()
+
+
+def second_attempt_wins(marker: str, first_seconds: float) -> str:
+    """Attempt 1 (no marker yet) records its pid in ``marker`` and sleeps; a later attempt returns at once."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        time.sleep(first_seconds)
+        return "first"
+    return "second"
+
+
+def record_run(folder: str, key: int) -> int:
+    """Leave a file per run (one for each time this task really ran), then return ``key``."""
+    Path(folder, f"{key}-{os.getpid()}-{time.monotonic_ns()}").touch()
+    time.sleep(0.01)
+    return key

@@ -100,6 +100,7 @@ class ClusterExecutor(DistributedExecutor):
         self._futures_lane = Lane("procpool-futures")
         self._cancel_ref: CancelRef = weakref.WeakMethod(self._cancel)
         self._waiting: dict[int, TaskFuture] = {}  # tasks someone awaits, by database id
+        self._unreported: set[int] = set()  # tasks it submitted whose end callbacks have not had
         self._waiting_lock = threading.Lock()
         self._store = Store(self._dsn)
         self._store.create_schema()  # and the database is reachable: a wrong DSN fails here
@@ -155,6 +156,7 @@ class ClusterExecutor(DistributedExecutor):
             ids = self._store.submit(rows, self._submitter)
             with self._waiting_lock:
                 submitted = [_Submitted(_task_id(i), self._await(i, kills=not futures_api)) for i in ids]
+                self._unreported.update(ids)
         return submitted
 
     def _await(self, number: int, kills: bool = True) -> TaskFuture:
@@ -260,11 +262,14 @@ class ClusterExecutor(DistributedExecutor):
     def _settle(self, row: Row) -> None:
         with self._waiting_lock:
             future = self._waiting.pop(row.task_id, None)
+            owed = row.task_id in self._unreported
+            self._unreported.discard(row.task_id)
         if future is None:
             return
         record = _record(row)
         self._futures_lane.put(_settle_future, (future, record))
-        self._callbacks.fire(_EVENTS.get(record.status, "task_cancelled"), record)
+        if owed:  # once per task, by the executor that submitted it
+            self._callbacks.fire(_EVENTS.get(record.status, "task_cancelled"), record)
 
     # -- stats -------------------------------------------------------------------
 

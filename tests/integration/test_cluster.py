@@ -1,0 +1,186 @@
+"""Cluster mode end to end: real PostgreSQL, real ``procpool host`` processes, hostile events.
+
+A host SIGKILLed or SIGSTOPped mid-task, the database restarted mid-run and
+a submitter killed: every task still ends exactly once, and a stale attempt
+is killed and its result refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import pid_alive, wait_until
+from faults import double, raise_value_error, record_run, second_attempt_wins, sleep_then
+
+from procpool import DistributedExecutor, TaskPriority, TaskStatus, TaskTimeoutError
+from procpool._cluster.store import Store
+from stress import pg
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def hosts_seen(dsn: str) -> set[str]:
+    store = Store(dsn)
+    try:
+        store.create_schema()
+        return {h[0] for h in store.counts()["hosts"]}
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def start_host(queue_dsn: str, tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start ``python -m procpool host`` processes; each is ended (with its tree) after the test."""
+    started: list[tuple[subprocess.Popen[str], list[psutil.Process]]] = []
+
+    def start(name: str, slots: int = 1, lease: float = 1.0) -> subprocess.Popen[str]:
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "procpool", "host", "--queue", queue_dsn, "--slots", str(slots),
+             "--lease", str(lease), "--name", name],
+            env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        started.append((process, []))
+        assert wait_until(lambda: name in hosts_seen(queue_dsn), 30), (tmp_path / f"{name}.log").read_text()
+        started[-1][1].extend(psutil.Process(process.pid).children(recursive=True))
+        return process
+
+    yield start
+    for process, tree in started:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        assert wait_until(lambda t=tree: not any(pid_alive(p.pid) for p in t), 10), "a host left processes"
+
+
+def test_seed_calls_work_in_cluster_mode(queue_dsn: str) -> None:
+    dsn = queue_dsn.replace("postgres@", "postgres:n0t-a-real-pw@")  # trust auth: accepted, never shown
+    completed: list[str] = []
+    failed: list[str] = []
+    with DistributedExecutor(max_local_workers=2, task_timeout=30, max_retries=1, queue=dsn, lease=2) as ex:
+        assert isinstance(ex, DistributedExecutor) and "n0t-a-real-pw" not in repr(ex)
+        ex.register_callback("task_complete", lambda rec: completed.append(rec.task_id))
+        ex.register_callback("task_failed", lambda rec: failed.append(rec.task_id))
+        ids = [ex.submit_task(function=double, args=(x,), priority=TaskPriority.HIGH) for x in range(10)]
+        bad = ex.submit_task(raise_value_error, ("cluster",))
+        assert ex.wait_for_tasks(ids, timeout=30) == [x * 2 for x in range(10)]
+        with pytest.raises(ValueError, match="cluster") as raised:
+            ex.get_task_result(bad, timeout=30)
+        assert "raise_value_error" in str(raised.value.__cause__)  # the worker's traceback
+        record = ex.get_task(bad)
+        assert (record.status, record.attempts) == (TaskStatus.FAILED, 2)  # max_retries=1
+        late = ex.submit_task(sleep_then, (30,), timeout=1)
+        with pytest.raises(TaskTimeoutError):
+            ex.get_task_result(late, timeout=30)
+        running = ex.submit_task(sleep_then, (30,))
+        assert wait_until(lambda: ex.get_task(running).status is TaskStatus.RUNNING, 30)
+        assert ex.cancel_task(running) is True
+        assert isinstance(ex.wait_for_tasks([running], timeout=30)[0], BaseException)
+        assert ex.get_task(running).status is TaskStatus.CANCELLED
+        assert ex.submit(double, 21).result(30) == 42
+        assert list(ex.map(double, range(7), chunksize=3)) == [x * 2 for x in range(7)]
+        with pytest.raises(KeyError):
+            ex.get_task("task-999999")
+        assert wait_until(lambda: ex.get_stats()["completed_tasks"] >= 12, 10)
+        stats = ex.get_stats()
+        parts = ("pending_tasks", "running_tasks", "completed_tasks", "failed_tasks", "cancelled_tasks")
+        assert stats["total_tasks"] == sum(stats[k] for k in parts)
+        assert stats["total_workers"] == 2 and "n0t-a-real-pw" not in repr(stats)
+    assert set(ids) <= set(completed)  # and submit's and map's tasks, each reported once:
+    assert len(completed) == len(set(completed)) == 10 + 1 + 3
+    assert failed == [bad]  # each reported once
+
+
+def test_a_host_killed_mid_task_loses_it_to_another_host(
+    queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    hosts = {name: start_host(name) for name in ("h0", "h1")}
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn, max_retries=2) as ex:
+        task = ex.submit_task(second_attempt_wins, (str(tmp_path / "marker"), 60))
+        assert wait_until(lambda: ex.get_task(task).status is TaskStatus.RUNNING, 30)
+        victim = ex.get_task(task).worker
+        assert victim in hosts
+        tree = psutil.Process(hosts[victim].pid).children(recursive=True)
+        hosts[victim].kill()
+        assert ex.get_task_result(task, timeout=30) == "second"
+        record = ex.get_task(task)
+        assert record.attempts == 2 and record.worker != victim
+        first_pid = int((tmp_path / "marker").read_text())
+    assert wait_until(lambda: not pid_alive(first_pid), 10), "the killed host's task ran on"
+    assert wait_until(lambda: not any(pid_alive(p.pid) for p in tree), 10)
+
+
+def test_a_frozen_host_has_its_stale_attempt_killed_and_its_result_refused(
+    queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    hosts = {name: start_host(name) for name in ("h0", "h1")}
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn, max_retries=2) as ex:
+        task = ex.submit_task(second_attempt_wins, (str(tmp_path / "marker"), 4))
+        assert wait_until(lambda: ex.get_task(task).status is TaskStatus.RUNNING, 30)
+        frozen = ex.get_task(task).worker
+        assert frozen in hosts
+        os.kill(hosts[frozen].pid, signal.SIGSTOP)
+        assert ex.get_task_result(task, timeout=30) == "second"  # its lease ran out: another host ran it
+        first_pid = int((tmp_path / "marker").read_text())
+        os.kill(hosts[frozen].pid, signal.SIGCONT)
+        assert wait_until(lambda: not pid_alive(first_pid), 10), "the stale attempt ran on"
+        time.sleep(4)  # past the first attempt's end, had it been left to run
+        record = ex.get_task(task)
+        assert (record.result, record.attempts, record.status) == ("second", 2, TaskStatus.COMPLETED)
+
+
+def test_tasks_outlive_a_killed_submitter(
+    queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]]
+) -> None:
+    start_host("h0", slots=2)
+    script = textwrap.dedent(f"""
+        import os, sys
+        from faults import sleep_then
+        from procpool import DistributedExecutor
+        ex = DistributedExecutor(max_local_workers=0, queue={queue_dsn!r})
+        ids = [ex.submit_task(sleep_then, (0.5, i)) for i in range(4)]
+        print(" ".join(ids), flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    ids = done.stdout.split()
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as reader:
+        assert reader.wait_for_tasks(ids, timeout=30) == [0, 1, 2, 3]
+        assert [reader.get_task_result(i) for i in ids] == [0, 1, 2, 3]
+
+
+def test_the_database_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
+    queue_dsn: str, pg_server: pg.Server, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with DistributedExecutor(max_local_workers=2, queue=queue_dsn, lease=10) as ex:
+        ids = ex.submit_batch([(record_run, (str(runs), k)) for k in range(300)])
+        assert wait_until(lambda: len(list(runs.iterdir())) >= 20, 30)
+        restart = threading.Thread(target=lambda: (pg_server.stop("fast"), time.sleep(1), pg_server.start()))
+        restart.start()
+        restart.join(60)
+        assert ex.wait_for_tasks(ids, timeout=60) == list(range(300))
+    ran = Counter(int(p.name.split("-")[0]) for p in runs.iterdir())
+    assert set(ran) == set(range(300)) and max(ran.values()) == 1, ran.most_common(3)
