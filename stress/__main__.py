@@ -1,6 +1,6 @@
 """``python -m stress [SCENARIO] [options]``.
 
-Scenarios: demo (the default), chaos, hostile, soak, compare, overhead, browsers, remote.
+Scenarios: demo (the default), chaos, hostile, soak, compare, pertask, overhead, browsers, remote, cluster.
 """
 
 from __future__ import annotations
@@ -9,7 +9,18 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("demo", "chaos", "hostile", "soak", "compare", "pertask", "overhead", "browsers", "remote")
+SCENARIOS = (
+    "demo",
+    "chaos",
+    "hostile",
+    "soak",
+    "compare",
+    "pertask",
+    "overhead",
+    "browsers",
+    "remote",
+    "cluster",
+)
 
 
 def main(argv: list[str]) -> int:

@@ -155,3 +155,9 @@ def spin_arg(ms: float) -> None:
 def started_at() -> float:
     """The moment the task began, on the clock every process of this machine shares."""
     return time.monotonic()
+
+
+def cluster_job(key: int, ms: float) -> int:
+    """Busy for ``ms`` milliseconds, then return ``key`` (stress cluster checks every key came back)."""
+    spin(ms)
+    return key

@@ -78,3 +78,22 @@ def test_chaos_with_remote_hosts_survives_agents_and_hosts_lost(tmp_path: Path) 
     # A fault counts only if it found a target: an agent may be reconnecting, a host down already.
     assert sum(report["faults"].get(f, 0) for f in ("agent SIGKILL", "agent SIGSTOP", "host down")) >= 1
     assert sum(report["faults"].values()) >= 5
+
+
+def test_cluster_survives_host_and_database_faults(tmp_path: Path, pg_server: object) -> None:
+    report = scenario(
+        tmp_path,
+        "cluster",
+        "--duration",
+        "6",
+        "--every",
+        "1",
+        "--tasks",
+        "200",
+        "--hosts",
+        "2",
+        "--seed",
+        "3",
+    )
+    assert report["tasks"] > 0 and sum(report["faults"].values()) >= 3
+    assert report["cluster"]["tasks_per_s"] > 0 and report["local"]["tasks_per_s"] > 0
