@@ -42,6 +42,7 @@ log = logging.getLogger("procpool.cluster")
 
 _POLL = 1.0  # seconds between looks at the table for awaited tasks (a notification may be lost)
 _STATS_EVERY = 0.5  # seconds between copies of the cluster's counts into the block
+_HOST_GONE = 30.0  # seconds after its last beat a host no longer counts as serving the queue
 _EVENTS = {TaskStatus.COMPLETED: "task_complete", TaskStatus.FAILED: "task_failed"}
 _SLOT = {"pending": PENDING, "retrying": PENDING, "running": RUNNING, "completed": COMPLETED}
 _SLOT |= {"failed": FAILED, "cancelled": CANCELLED}
@@ -276,24 +277,28 @@ class ClusterExecutor(DistributedExecutor):
     def _mirror(self) -> None:
         while not self._stopped.wait(_STATS_EVERY if self._cluster["age"] is not None else 0):
             try:
-                counts = self._store.counts()
+                self._refresh()
             except StoreError:
                 continue
-            counters = self._metrics.counters
-            with self._metrics.header_lock:
-                counters.states = [0] * 5
-                for state, number in counts["states"].items():
-                    counters.states[_SLOT[state]] += number
-                counters.total = sum(counters.states)
-                counters.depth = [counts["depth"].get(p, 0) for p in range(4)]
-            self._metrics.publish()
-            hosts = {
-                name: {"type": "host", "active": age < 60, "slots": slots, "busy": busy,
-                       "completed": done, "failed": failed, "load": busy / slots if slots else 0.0,
-                       "seen_seconds_ago": round(float(age), 3)}
-                for name, slots, busy, done, failed, age in counts["hosts"]
-            }  # fmt: skip
-            self._cluster = {"hosts": hosts, "age": time.monotonic()}
+
+    def _refresh(self) -> None:
+        """Copy the cluster's counts into the block, and its hosts' figures beside it."""
+        counts = self._store.counts()
+        counters = self._metrics.counters
+        with self._metrics.header_lock:
+            counters.states = [0] * 5
+            for state, number in counts["states"].items():
+                counters.states[_SLOT[state]] += number
+            counters.total = sum(counters.states)
+            counters.depth = [counts["depth"].get(p, 0) for p in range(4)]
+        self._metrics.publish()
+        hosts = {
+            name: {"type": "host", "active": age < _HOST_GONE, "slots": slots, "busy": busy,
+                   "completed": done, "failed": failed, "load": busy / slots if slots else 0.0,
+                   "seen_seconds_ago": round(float(age), 3)}
+            for name, slots, busy, done, failed, age in counts["hosts"]
+        }  # fmt: skip
+        self._cluster = {"hosts": hosts, "age": time.monotonic()}
 
     def get_stats(self) -> dict[str, Any]:
         if self._final_stats is not None:
@@ -315,8 +320,10 @@ class ClusterExecutor(DistributedExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; with ``wait``, block until the tasks this executor awaits have ended.
 
-        Queued tasks stay in the database for any host (``cancel_futures``
-        cancels the ones this executor awaits that have not started).
+        It waits while some host serves the queue (one beat within 30 s, or
+        its own slots); otherwise its queued tasks stay in the database for
+        the next host, and any executor on the queue can read them by id.
+        ``cancel_futures`` cancels the ones it awaits that have not started.
         """
         if os.getpid() != self._owner:
             return
@@ -333,6 +340,10 @@ class ClusterExecutor(DistributedExecutor):
         else:
             threading.Thread(target=self._finish, name="procpool-shutdown", daemon=True).start()
 
+    def _served(self) -> bool:
+        hosts = self._cluster["hosts"].values()
+        return self._host is not None or any(view["seen_seconds_ago"] < _HOST_GONE for view in hosts)
+
     def _on_own_thread(self) -> bool:
         return self._futures_lane.is_current() or self._callbacks.lane.is_current()
 
@@ -340,12 +351,12 @@ class ClusterExecutor(DistributedExecutor):
         with self._submit_lock:
             if self._final_stats is not None:
                 return
-        while True:
+        while True:  # the tasks it awaits, while some host serves them: they stay queued otherwise
             with self._waiting_lock:
                 waiting = list(self._waiting.values())
-            if not waiting:
+            if not waiting or not self._served():
                 break
-            concurrent.futures.wait(waiting)
+            concurrent.futures.wait(waiting, _POLL)
         if self._host is not None:
             self._host.stop()
         self._stopped.set()
@@ -353,6 +364,10 @@ class ClusterExecutor(DistributedExecutor):
             thread.join()
         self._futures_lane.close()
         self._callbacks.close()
+        try:
+            self._refresh()  # the final stats: as the cluster has them now
+        except StoreError:
+            pass
         stats = self.get_stats()
         with self._submit_lock:
             self._final_stats = stats

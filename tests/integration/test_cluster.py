@@ -184,3 +184,36 @@ def test_the_database_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         assert ex.wait_for_tasks(ids, timeout=60) == list(range(300))
     ran = Counter(int(p.name.split("-")[0]) for p in runs.iterdir())
     assert set(ran) == set(range(300)) and max(ran.values()) == 1, ran.most_common(3)
+
+
+def test_a_submitter_with_no_host_ends_at_once_and_its_tasks_wait_in_the_queue(queue_dsn: str) -> None:
+    submitter = DistributedExecutor(max_local_workers=0, queue=queue_dsn)
+    queued = submitter.submit_task(double, (4,), priority=TaskPriority.LOW)
+    begin = time.monotonic()
+    submitter.shutdown(wait=True)
+    assert time.monotonic() - begin < 5
+    assert submitter.get_stats()["pending_tasks"] == 1
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        submitter.submit_task(double, (1,))
+    with DistributedExecutor(max_local_workers=1, queue=queue_dsn) as server:
+        assert server.get_task_result(queued, timeout=30) == 8
+        assert server.get_task(queued).attempts == 1
+
+
+def test_bad_input_in_cluster_mode_fails_at_the_call(queue_dsn: str) -> None:
+    with pytest.raises(ValueError, match="DSN"):
+        DistributedExecutor(queue="postgresql://u@h/db?no_such_option=1")
+    with pytest.raises(TypeError, match="DSN"):
+        DistributedExecutor(queue=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_local_workers"):
+        DistributedExecutor(max_local_workers=-1, queue=queue_dsn)
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
+        with pytest.raises(TypeError, match="pickle"):
+            ex.submit_task(double, (threading.Lock(),))
+        with pytest.raises(ValueError):
+            ex.submit_task(double, (1,), priority="SOON")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            ex.submit_task(double, (1,), timeout=-1)
+        with pytest.raises(KeyError):
+            ex.get_task_result("not-a-task")
+        assert ex._store.counts()["states"] == {}  # nothing was queued by the bad calls
