@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 _START_WAIT = 30  # seconds for pg_ctl to see the server accept connections
 
@@ -23,7 +24,7 @@ def bin_dir() -> Path | None:
     """The folder of initdb and pg_ctl, or None when PostgreSQL is not installed."""
     found = shutil.which("pg_ctl")
     if found:
-        return Path(found).parent
+        return Path(found).resolve().parent  # beside initdb and pg_basebackup, not a lone symlink
     versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
     return Path(versions[-1]).parent if versions else None
 
@@ -43,7 +44,14 @@ def available() -> bool:
 class Server:
     """One PostgreSQL server on a Unix socket in its own folder; ``dsn`` reaches its ``postgres`` db."""
 
-    def __init__(self, name: str = "procpool-pg-") -> None:
+    def __init__(
+        self, name: str = "procpool-pg-", primary: Server | None = None, durable: bool = False
+    ) -> None:
+        """A new server; with ``primary``, a streaming standby of it (``pg_basebackup``).
+
+        ``durable`` keeps fsync and synchronous commit on (what failover is tested with);
+        otherwise they are off, for speed.
+        """
         tools = bin_dir()
         if tools is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -54,11 +62,18 @@ class Server:
         if os.geteuid() == 0:
             account = pwd.getpwnam("postgres")
             os.chown(self.root, account.pw_uid, account.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync")
+        if primary is None:
+            self._run(
+                "initdb", "-D", str(self.data), "-U", self.user, "-A", "trust", "-E", "UTF8", "--no-sync"
+            )
+        else:  # -R writes primary_conninfo and standby.signal
+            self._run("pg_basebackup", "-D", str(self.data), "-h", str(primary.root), "-U", self.user, "-R")
+            with open(self.data / "postgresql.auto.conf", "a") as auto:  # once promoted, wait for no standby
+                auto.write("synchronous_standby_names = ''\n")
+        speed = "" if durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
-                f"listen_addresses = ''\nunix_socket_directories = '{self.root}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                f"listen_addresses = ''\nunix_socket_directories = '{self.root}'\n{speed}"
                 "max_connections = 200\nlog_min_messages = warning\n"
             )
         self.dsn = f"postgresql://{self.user}@/postgres?host={self.root}"
@@ -66,24 +81,36 @@ class Server:
 
     def database(self, name: str) -> str:
         """Create an empty database (dropped first if it exists); its DSN."""
-        import psycopg
-
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with psycopg_connect(self.dsn) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn.replace("/postgres?", f"/{name}?")
 
     def drop(self, name: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with psycopg_connect(self.dsn) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self._bin / tool), *args]
         if os.geteuid() == 0:
             command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.root)
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.root
+        )
+        if done.returncode:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
+
+    def standby(self) -> Server:
+        """A synchronous standby of this server: a commit returns once the standby has it too."""
+        with psycopg_connect(self.dsn) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("ALTER SYSTEM SET synchronous_commit = 'on'")
+            conn.execute("SELECT pg_reload_conf()")
+        return Server("procpool-pg-standby-", primary=self, durable=True)
+
+    def promote(self) -> None:
+        """Make this standby the primary."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def start(self) -> None:
         log = str(self.root / "server.log")
@@ -101,7 +128,7 @@ class Server:
         if self.running:
             try:
                 self.stop("immediate")
-            except subprocess.CalledProcessError:
+            except RuntimeError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -110,3 +137,9 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def psycopg_connect(dsn: str) -> Any:
+    import psycopg  # the postgres extra: only what uses a server needs it
+
+    return psycopg.connect(dsn, autocommit=True)

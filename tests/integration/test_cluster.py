@@ -217,3 +217,31 @@ def test_bad_input_in_cluster_mode_fails_at_the_call(queue_dsn: str) -> None:
         with pytest.raises(KeyError):
             ex.get_task_result("not-a-task")
         assert ex._store.counts()["states"] == {}  # nothing was queued by the bad calls
+
+
+@pytest.mark.slow
+def test_failover_to_a_synchronous_standby_loses_no_acknowledged_submit_or_result(
+    pg_server: pg.Server, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with pg.Server("procpool-pg-primary-", durable=True) as primary, primary.standby() as standby:
+        hosts = f"{primary.root},{standby.root}"
+        dsn = f"postgresql://{primary.user}@/postgres?host={hosts}&target_session_attrs=read-write"
+        with DistributedExecutor(max_local_workers=2, queue=dsn, lease=10) as ex:
+            acknowledged = ex.submit_batch([(record_run, (str(runs), k)) for k in range(200)])
+            assert wait_until(lambda: len(list(runs.iterdir())) >= 30, 30)
+            primary.stop("immediate")  # a crash: the standby has every acknowledged commit
+            with pytest.raises(ConnectionError):  # refused, not lost, while there is no primary
+                ex.submit_task(record_run, (str(runs), 999))
+            standby.promote()
+            more: list[str] = []
+            deadline = time.monotonic() + 30
+            while not more and time.monotonic() < deadline:
+                try:
+                    more = ex.submit_batch([(record_run, (str(runs), k)) for k in range(200, 250)])
+                except ConnectionError:
+                    time.sleep(0.2)
+            assert ex.wait_for_tasks(acknowledged + more, timeout=90) == list(range(250))
+    ran = Counter(int(p.name.split("-")[0]) for p in runs.iterdir())
+    assert set(ran) == set(range(250)) and max(ran.values()) == 1, ran.most_common(3)
