@@ -6,8 +6,10 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -19,7 +21,11 @@ __all__ = ("add_host_arguments", "run_host", "top_queue")
 
 
 def add_host_arguments(host: argparse.ArgumentParser) -> None:
-    host.add_argument("--queue", required=True, help="the PostgreSQL DSN (postgresql://user@host/db)")
+    host.add_argument(
+        "--queue", required=True,
+        help="the PostgreSQL DSN (postgresql://user@host/db), or - to read it from the first line of "
+        "stdin (kept off the command line); then the end of stdin stops the host",
+    )  # fmt: skip
     host.add_argument("--slots", type=int, default=3, help="worker processes (default 3)")
     host.add_argument("--lease", type=float, default=DEFAULT_LEASE, help="seconds a claim lasts unrenewed")
     host.add_argument("--name", help="this host's name in the queue (default hostname:pid:random)")
@@ -34,7 +40,10 @@ def run_host(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"task_timeout": args.task_timeout}
     if args.companion:
         options["companion"] = _companion(args.companion)
-    host = Host(args.queue, args.slots, lease=args.lease, name=args.name, **options)
+    dsn = sys.stdin.readline().strip() if args.queue == "-" else args.queue
+    host = Host(dsn, args.slots, lease=args.lease, name=args.name, **options)
+    if args.queue == "-":  # started by an executor over SSH: it ends us by closing our stdin
+        threading.Thread(target=_stop_at_eof, args=(host,), name="procpool-host-stdin", daemon=True).start()
 
     def stop(signum: int, _: object) -> None:
         log = logging.getLogger("procpool.cluster")
@@ -49,6 +58,15 @@ def run_host(args: argparse.Namespace) -> int:
         print(f"procpool host: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_at_eof(host: Host) -> None:
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    logging.getLogger("procpool.cluster").info(
+        "stdin closed: claiming no more; ending once running tasks are written"
+    )
+    host.stop(wait=False)
 
 
 def _companion(spec: str) -> Any:

@@ -34,6 +34,7 @@ from .._states import TERMINAL, TaskPriority, TaskStatus
 from .._task import CancelRef, TaskFuture, TaskRecord
 from .host import DEFAULT_LEASE, Host
 from .outcome import load_error, load_result
+from .remote import RemoteHosts
 from .store import DONE, Listener, Row, Store, StoreError, check_dsn, masked
 
 __all__ = ("ClusterExecutor",)
@@ -114,6 +115,8 @@ class ClusterExecutor(DistributedExecutor):
         ]
         for thread in self._threads:
             thread.start()
+        self._lease = lease
+        self._remote = RemoteHosts(self._dsn)
         self._host: Host | None = None
         if max_local_workers:
             self._host = Host(
@@ -236,6 +239,49 @@ class ClusterExecutor(DistributedExecutor):
         number = _number(task_id)
         return number is not None and self._store.cancel(number, running=kill)
 
+    # -- hosts over SSH ------------------------------------------------------------
+
+    def add_remote_worker(  # type: ignore[override]
+        self,
+        host: str,
+        port: int = 22,
+        worker_type: str = "host",
+        credentials: dict[str, str] | None = None,
+        *,
+        slots: int = 1,
+        python: str = "python3",
+        connect_timeout: float = 10.0,
+        known_hosts: str | None = None,
+        accept_unknown_host: bool = False,
+        ship_package: bool = False,
+        lease: float | None = None,
+    ) -> list[str]:
+        """Start ``procpool host`` on a machine over SSH, serving ``slots`` slots from this queue.
+
+        The host is checked as a remote worker is (its key, the login, the
+        Python, procpool and cloudpickle versions, and psycopg there);
+        ``ship_package`` copies this procpool with psycopg into a venv there.
+        The DSN travels on the host's stdin, so it must reach the database
+        from that machine. The host ends with this executor (after its running
+        tasks) or with ``remove_remote_worker``; "remote_ssh" means the same here.
+
+        Returns:
+            The host's name, as ``get_stats()["workers"]`` and task records show it.
+        """
+        if self._closed is not None:
+            raise self._closed
+        name = self._remote.add(
+            host, port, worker_type, credentials, slots=slots, python=python,
+            connect_timeout=connect_timeout, known_hosts=known_hosts,
+            accept_unknown_host=accept_unknown_host, ship_package=ship_package,
+            lease=self._lease if lease is None else check_positive("lease", lease),
+        )  # fmt: skip
+        return [name]
+
+    def remove_remote_worker(self, host: str, port: int = 22, timeout: float | None = None) -> None:
+        """End a host this executor started: it claims no more, writes its running tasks and exits."""
+        self._remote.remove(host, port, timeout)
+
     # -- the watch thread --------------------------------------------------------
 
     def _watch(self) -> None:
@@ -357,6 +403,7 @@ class ClusterExecutor(DistributedExecutor):
             if not waiting or not self._served():
                 break
             concurrent.futures.wait(waiting, _POLL)
+        self._remote.close()
         if self._host is not None:
             self._host.stop()
         self._stopped.set()

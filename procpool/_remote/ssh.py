@@ -3,6 +3,8 @@
     add_remote_worker ── check_host ──▶ connect: host key checked against known_hosts,
                                         then authentication ──▶ versions (ship the package if asked)
     link process      ── open_agent ──▶ connect ──▶ exec the agent ──▶ a channel carrying frames
+    cluster executor  ── open_host ──▶ connect ──▶ exec ``procpool host``; the DSN on its stdin,
+                                       whose end (EOF) makes it drain and exit
 
 - Host keys: fabric trusts any host by default; here an unknown key is
   refused unless ``accept_unknown_host`` (logged), and a changed key always is.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -42,7 +46,7 @@ from .._errors import (
 )
 from .hosts import RemoteHost
 
-__all__ = ("Session", "check_host", "open_agent")
+__all__ = ("Session", "check_host", "open_agent", "open_host")
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ class Session:
             pass
 
 
-def check_host(host: RemoteHost) -> RemoteHost:
+def check_host(host: RemoteHost, cluster: bool = False) -> RemoteHost:
     """Connect once and check the remote side; ship the package if asked.
 
     Returns the host settings to start agents with (the shipped interpreter, if any).
@@ -117,8 +121,10 @@ def check_host(host: RemoteHost) -> RemoteHost:
     session = _connect(host, loud=True)
     try:
         if host.ship_package:
-            host = replace(host, python=_ship(session, host), ship_package=False)
+            host = replace(host, python=_ship(session, host, cluster), ship_package=False)
         _check_versions(session, host)
+        if cluster:
+            _check_psycopg(session, host)
         return host
     finally:
         session.close()
@@ -141,6 +147,39 @@ def open_agent(host: RemoteHost) -> Session:
         raise
     session.channel = channel
     return session
+
+
+def open_host(host: RemoteHost, dsn: str, arguments: list[str]) -> Session:
+    """Start ``procpool host`` there with ``arguments``; the DSN goes on its stdin, never its command line.
+
+    Closing the channel's stdin (``shutdown_write``) makes it claim no more and exit once its
+    running tasks are written; a lost connection does the same.
+    """
+    session = _connect(host, loud=False)
+    command = " ".join(
+        shlex.quote(a) for a in (host.python, "-m", "procpool", "host", "--queue", "-", *arguments)
+    )
+    try:
+        with _errors(host):
+            transport = session.connection.client.get_transport()
+            channel = transport.open_session(timeout=host.connect_timeout)
+            channel.set_combine_stderr(True)  # its log, read by one drain thread
+            channel.exec_command(f"exec {command}")
+            channel.sendall((dsn + "\n").encode())
+    except BaseException:
+        session.close()
+        raise
+    session.channel = channel
+    return session
+
+
+def _check_psycopg(session: Session, host: RemoteHost) -> None:
+    code, _, err = _run(session, host, f"{shlex.quote(host.python)} -c 'import psycopg'", _PROBE_TIMEOUT)
+    if code != 0:
+        raise RemoteVersionError(
+            f"{host.python} on {host.address} cannot import psycopg ({err.strip()[-200:]}): install "
+            f"'procpool[postgres]' there, or pass ship_package=True to copy this one into a venv there"
+        )
 
 
 def _connect(host: RemoteHost, loud: bool) -> Session:
@@ -261,9 +300,9 @@ def _check_versions(session: Session, host: RemoteHost) -> None:
             raise RemoteVersionError(f"{where} has {name} {seen[name]}, this one is {version}: {fix}")
 
 
-def _ship(session: Session, host: RemoteHost) -> str:
-    """Copy procpool and what the agent imports into a venv on the host; returns its python."""
-    bundle, digest = _bundle()
+def _ship(session: Session, host: RemoteHost, cluster: bool = False) -> str:
+    """Copy procpool and what the agent (or a cluster host) imports into a venv there; returns its python."""
+    bundle, digest = _bundle(cluster)
     home = f"{_SHIP_ROOT}/{digest}"
     venv = f"{home}/venv"
     python = f"{venv}/bin/python"
@@ -289,22 +328,39 @@ def _ship(session: Session, host: RemoteHost) -> str:
     return python
 
 
+_CLUSTER_PACKAGES = ("psycopg", "psycopg_binary", "typing_extensions")  # psycopg and what it imports
+
+
 @functools.cache
-def _bundle() -> tuple[bytes, str]:
-    """A tar.gz of procpool and the packages its agent imports, and a digest of it."""
+def _bundle(cluster: bool = False) -> tuple[bytes, str]:
+    """A tar.gz of procpool and the packages its agent (or a cluster host) imports, and a digest of it."""
     buf = io.BytesIO()
     # mtime=0 in the gzip header too: the same files give the same digest, so a host is shipped to once.
     with (
         gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as packed,
         tarfile.open(fileobj=packed, mode="w") as tar,
     ):
-        for module in (sys.modules["procpool"], cloudpickle, psutil):
-            root = Path(module.__file__ or "").parent
-            for path in sorted(root.rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
-                    tar.add(path, arcname=f"{root.name}/{path.relative_to(root)}", filter=_plain)
+        modules = [sys.modules["procpool"], cloudpickle, psutil]
+        if cluster:
+            modules += [importlib.import_module(name) for name in _CLUSTER_PACKAGES if _importable(name)]
+        for module in modules:
+            where = Path(module.__file__ or "")
+            if where.name != "__init__.py":  # a single-file module (typing_extensions)
+                tar.add(where, arcname=where.name, filter=_plain)
+                continue
+            roots = [where.parent]
+            libs = where.parent.with_name(f"{where.parent.name}.libs")  # a manylinux wheel's own .so files
+            roots += [libs] if libs.is_dir() else []
+            for root in roots:
+                for path in sorted(root.rglob("*")):
+                    if path.is_file() and "__pycache__" not in path.parts:
+                        tar.add(path, arcname=f"{root.name}/{path.relative_to(root)}", filter=_plain)
     data = buf.getvalue()
     return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:

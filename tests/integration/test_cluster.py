@@ -8,6 +8,7 @@ is killed and its result refused.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +19,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cloudpickle
+import faults
 import psutil
 import pytest
 from conftest import pid_alive, wait_until
 from faults import double, raise_value_error, record_run, second_attempt_wins, sleep_then
 
-from procpool import DistributedExecutor, TaskPriority, TaskStatus, TaskTimeoutError
+from procpool import DistributedExecutor, RemoteVersionError, TaskPriority, TaskStatus, TaskTimeoutError
 from procpool._cluster.store import Store
-from stress import pg
+from stress import pg, sshd
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
@@ -245,3 +248,58 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_submit_or_resul
             assert ex.wait_for_tasks(acknowledged + more, timeout=90) == list(range(250))
     ran = Counter(int(p.name.split("-")[0]) for p in runs.iterdir())
     assert set(ran) == set(range(250)) and max(ran.values()) == 1, ran.most_common(3)
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(not sshd.available(), reason="needs root and openssh-server")
+def test_a_host_started_over_ssh_serves_the_queue_and_ends_with_the_executor(
+    queue_dsn: str, tmp_path: Path
+) -> None:
+    secret_dsn = queue_dsn.replace("postgres@", "postgres:n0t-a-real-pw@")
+    with (
+        sshd.loopback_hosts(1) as (server,),
+        DistributedExecutor(max_local_workers=0, queue=secret_dsn) as ex,
+    ):
+        options = {**server.options(), "python": sys.executable}  # this venv: procpool, psycopg
+        with pytest.raises(ValueError, match="worker_type"):
+            ex.add_remote_worker(**options, worker_type="ftp")
+        (name,) = ex.add_remote_worker(**options, worker_type="host", slots=2)
+        started = [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or ())]
+        pids = {p.pid for p in started}
+        started = [p for p in started if p.ppid() not in pids]  # the host, not its forked pool
+        assert len(started) == 1 and "n0t-a-real-pw" not in " ".join(started[0].cmdline())
+        cloudpickle.register_pickle_by_value(faults)  # the host there cannot import the tests folder
+        try:
+            ids = ex.submit_batch([(double, (i,)) for i in range(6)])
+        finally:
+            cloudpickle.unregister_pickle_by_value(faults)
+        assert ex.wait_for_tasks(ids, timeout=60) == [i * 2 for i in range(6)]
+        assert {ex.get_task(i).worker for i in ids} == {name}
+        with pytest.raises(ValueError, match="already"):
+            ex.add_remote_worker(**options, worker_type="host")
+        tree = [started[0], *started[0].children(recursive=True)]
+    assert wait_until(lambda: not any(pid_alive(p.pid) for p in tree), 30), "the host outlived the executor"
+
+
+@pytest.mark.ssh
+@pytest.mark.skipif(not sshd.available(), reason="needs root and openssh-server")
+def test_ship_package_brings_procpool_and_psycopg_to_a_bare_python(queue_dsn: str) -> None:
+    system = shutil.which("python3", path="/usr/bin")
+    if system is None or os.path.realpath(system) == os.path.realpath(sys.executable):
+        pytest.skip("needs a system python3 apart from the test interpreter")
+    version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True)
+    if version.stdout.decode().strip() != str(sys.version_info[:2]):
+        pytest.skip(f"needs a system python3 of this version ({sys.version_info[:2]})")
+    with sshd.loopback_hosts(1) as (server,), DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
+        options = {**server.options(), "python": system}
+        with pytest.raises(RemoteVersionError, match="ship_package=True"):
+            ex.add_remote_worker(**options, worker_type="host")
+        ex.add_remote_worker(**options, worker_type="host", ship_package=True)
+        cloudpickle.register_pickle_by_value(faults)
+        try:
+            task = ex.submit_task(faults.interpreter)
+        finally:
+            cloudpickle.unregister_pickle_by_value(faults)
+        shipped = ex.get_task_result(task, timeout=60)
+        assert ".cache/procpool/" in shipped
+    shutil.rmtree(Path(shipped).parents[2], ignore_errors=True)  # the shipped venv, in ~/.cache
