@@ -177,9 +177,7 @@ class ClusterExecutor(DistributedExecutor):
         number = _number(task_id)
         rows = self._store.rows([number]) if number is not None else []
         if not rows:
-            raise KeyError(
-                f"unknown task id {task_id!r} (in cluster mode an ended task is kept for result_ttl)"
-            )
+            raise KeyError(_unknown(task_id))
         return rows[0]
 
     def _row_number(self, task_id: str) -> int:
@@ -191,12 +189,22 @@ class ClusterExecutor(DistributedExecutor):
         return _record(self._row(task_id))
 
     def future(self, task_id: str) -> concurrent.futures.Future[Any]:
-        row = self._row(task_id)
+        return self._futures([task_id])[0]
+
+    def _futures(self, task_ids: Sequence[str]) -> list[TaskFuture]:
+        """The Futures of these tasks, with one look at the table (KeyError for an unknown id)."""
+        self._check_owner()
+        numbers = [_number(task_id) for task_id in task_ids]
+        rows = {r.task_id: r for r in self._store.rows([n for n in numbers if n is not None])}
         with self._waiting_lock:
-            future = self._await(row.task_id)
-        if row.state in _ENDED:
-            self._settle(row)
-        return future
+            for task_id, number in zip(task_ids, numbers, strict=True):
+                if number not in rows:
+                    raise KeyError(_unknown(task_id))
+            futures = [self._await(n) for n in numbers]  # type: ignore[arg-type]
+        for row in rows.values():
+            if row.state in _ENDED:
+                self._settle(row)
+        return futures
 
     def get_task_result(self, task_id: str, wait: bool = True, timeout: float | None = 30) -> Any:
         row = self._row(task_id)
@@ -221,7 +229,7 @@ class ClusterExecutor(DistributedExecutor):
     def wait_for_tasks(self, task_ids: Sequence[str], timeout: float | None = 60) -> list[Any]:
         if isinstance(task_ids, str):
             raise TypeError(f"task_ids must be a list of ids, not the str {task_ids!r}: pass [{task_ids!r}]")
-        futures = [self.future(task_id) for task_id in task_ids]
+        futures = self._futures(task_ids)
         _, pending = concurrent.futures.wait(futures, timeout)
         if pending:
             ids = [t for t, f in zip(task_ids, futures, strict=True) if f in pending]
@@ -423,6 +431,10 @@ class ClusterExecutor(DistributedExecutor):
 
 
 _ENDED = ("completed", "failed", "cancelled")
+
+
+def _unknown(task_id: object) -> str:
+    return f"unknown task id {task_id!r} (in cluster mode an ended task is kept for result_ttl)"
 
 
 def _task_id(number: int) -> str:

@@ -187,7 +187,13 @@ class Host:
             except queue.Empty:
                 claim_due = True
                 continue
-            claim_due = self._handle(event, pool) or claim_due
+            while True:  # and every event already here: their outcomes go in one write, then one claim
+                claim_due = self._handle(event, pool) or claim_due
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    break
+            self._write_ended()
 
     def _running(self) -> int:
         return sum(1 for h in self._held.values() if h.outcome is None and not h.killed)
@@ -220,7 +226,6 @@ class Host:
             if held is not None:
                 held.outcome = _outcome(held.task)
                 held.task.collected = True  # the local pool may release it
-                self._write(held)
             return True
         if kind == "notify":
             due = False
@@ -237,6 +242,31 @@ class Host:
             return
         held.killed = held.killed or lost
         pool.cancel_task(held.task.task_id)
+
+    def _write_ended(self) -> None:
+        """Write every ended attempt: the results in one statement, the rest one by one."""
+        ended = [h for h in self._held.values() if h.outcome is not None]
+        for held in [h for h in ended if h.killed]:
+            del self._held[held.claim.task_id]  # its lease is lost: the sweep has it (or will)
+        results = [h for h in ended if not h.killed and h.outcome[0] == "result"]  # type: ignore[index]
+        if results:
+            batch = [(h.claim.task_id, h.claim.attempt, h.outcome[1]) for h in results]  # type: ignore[index]
+            try:
+                accepted = self._store.finish_many(self.name, batch)
+            except StoreError:
+                return  # the next upkeep tries again while the leases hold
+            for held in results:
+                self._written(held, held.claim.task_id in accepted)
+                self.figures.completed += held.claim.task_id in accepted
+        for held in ended:
+            if not held.killed and held.outcome[0] != "result":  # type: ignore[index]
+                self._write(held)
+
+    def _written(self, held: _Held, accepted: bool) -> None:
+        if not accepted:
+            self.figures.rejected += 1
+            log.info("cluster host %s: task %d attempt %d had lost its lease", self.name, *held.claim[:2])
+        del self._held[held.claim.task_id]
 
     def _write(self, held: _Held) -> None:
         """Write an ended attempt to the database; kept for the next round if it cannot be reached."""
@@ -262,15 +292,11 @@ class Host:
                 self.figures.failed += accepted
         except StoreError:
             return  # the next upkeep tries again while the lease holds
-        if not accepted:
-            self.figures.rejected += 1
-            log.info("cluster host %s: task %d attempt %d had lost its lease", self.name, *claim[:2])
-        del self._held[claim.task_id]
+        self._written(held, accepted)
 
     def _upkeep(self, now: float) -> None:
         """Renew leases, write what could not be written, sweep and beat; kill what is no longer held."""
-        for held in [h for h in self._held.values() if h.outcome is not None]:
-            self._write(held)
+        self._write_ended()
         pairs = [(h.claim.task_id, h.claim.attempt) for h in self._held.values() if not h.killed]
         try:
             kept, cancelled = self._store.renew(self.name, pairs, self.lease)

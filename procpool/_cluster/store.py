@@ -156,7 +156,7 @@ class Store:
         with self._lock:
             try:
                 conn = self._connection()
-                with conn.transaction(), conn.cursor() as cur:
+                with conn.cursor() as cur:  # one statement: its own transaction (autocommit)
                     cur.execute(sql, params)
                     return cur.fetchall() if cur.description is not None else []
             except psycopg.OperationalError as exc:
@@ -277,7 +277,22 @@ class Store:
 
     def finish(self, host: str, task_id: int, attempt: int, result: bytes) -> bool:
         """Record attempt ``attempt``'s result; False (and nothing written) if it no longer holds the task."""
-        return self._end(host, task_id, attempt, "'completed'", result=result)
+        return bool(self.finish_many(host, [(task_id, attempt, result)]))
+
+    def finish_many(self, host: str, results: Sequence[tuple[int, int, bytes]]) -> set[int]:
+        """Record (id, attempt, result) results in one statement; the ids whose attempt still held them."""
+        if not results:
+            return set()
+        ids, attempts, blobs = (list(c) for c in zip(*results, strict=True))
+        rows = self._run(
+            "WITH u AS (UPDATE procpool_tasks t SET state = 'completed', result = h.result, error = NULL, "
+            "error_text = NULL, lease_until = NULL, payload = NULL, finished_at = now() "
+            "FROM unnest(%s::bigint[], %s::integer[], %s::bytea[]) AS h(id, attempt, result) "
+            "WHERE t.id = h.id AND t.attempts = h.attempt AND t.host = %s AND t.state = 'running' "
+            "RETURNING t.id) SELECT id, pg_notify(%s, id::text) FROM u",
+            [ids, attempts, blobs, host, DONE],
+        )
+        return {r[0] for r in rows}
 
     def fail(self, host: str, task_id: int, attempt: int, error: bytes, text: str, retry: bool) -> str | None:
         """Record a failed attempt: queued again in its place while retries remain (``retry``), else failed.
