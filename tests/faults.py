@@ -296,3 +296,10 @@ def record_run(folder: str, key: int) -> int:
     Path(folder, f"{key}-{os.getpid()}-{time.monotonic_ns()}").touch()
     time.sleep(0.01)
     return key
+
+
+def companion_pid() -> int:
+    """The pid of this worker's companion process (a pinned browser, say)."""
+    from procpool import companion_info
+
+    return int(companion_info()["pid"])

@@ -7,6 +7,7 @@ is killed and its result refused.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,9 +25,24 @@ import faults
 import psutil
 import pytest
 from conftest import pid_alive, wait_until
-from faults import double, raise_value_error, record_run, second_attempt_wins, sleep_then
+from faults import (
+    companion_pid,
+    double,
+    raise_value_error,
+    record_run,
+    second_attempt_wins,
+    sleep_then,
+    wait_for_file,
+)
 
-from procpool import DistributedExecutor, RemoteVersionError, TaskPriority, TaskStatus, TaskTimeoutError
+from procpool import (
+    DistributedExecutor,
+    RemoteVersionError,
+    TaskCancelledError,
+    TaskPriority,
+    TaskStatus,
+    TaskTimeoutError,
+)
 from procpool._cluster.store import Store
 from stress import pg, sshd
 
@@ -120,9 +136,7 @@ def test_a_host_killed_mid_task_loses_it_to_another_host(
     hosts = {name: start_host(name) for name in ("h0", "h1")}
     with DistributedExecutor(max_local_workers=0, queue=queue_dsn, max_retries=2) as ex:
         task = ex.submit_task(second_attempt_wins, (str(tmp_path / "marker"), 60))
-        assert wait_until(
-            (tmp_path / "marker").exists, 30
-        )  # attempt 1 runs (RUNNING: claimed)
+        assert wait_until((tmp_path / "marker").exists, 30)  # attempt 1 runs (RUNNING: claimed)
         victim = ex.get_task(task).worker
         assert victim in hosts
         tree = psutil.Process(hosts[victim].pid).children(recursive=True)
@@ -305,3 +319,58 @@ def test_ship_package_brings_procpool_and_psycopg_to_a_bare_python(queue_dsn: st
         shipped = ex.get_task_result(task, timeout=60)
         assert ".cache/procpool/" in shipped
     shutil.rmtree(Path(shipped).parents[2], ignore_errors=True)  # the shipped venv, in ~/.cache
+
+
+def test_cancel_reaches_a_task_running_on_another_host_and_sigterm_drains_a_host(
+    queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    host = start_host("h0", slots=2)
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
+        doomed = ex.submit_task(second_attempt_wins, (str(tmp_path / "doomed"), 60))
+        assert wait_until((tmp_path / "doomed").exists, 30)
+        assert ex.cancel_task(doomed) is True
+        assert isinstance(ex.wait_for_tasks([doomed], timeout=30)[0], TaskCancelledError)
+        assert wait_until(lambda: not pid_alive(int((tmp_path / "doomed").read_text())), 10)
+        held = ex.submit_task(wait_for_file, (str(tmp_path / "gate"), 60))
+        assert wait_until(lambda: ex.get_task(held).status is TaskStatus.RUNNING, 30)
+        time.sleep(0.5)  # it started on its worker
+        host.terminate()  # drains: claims no more, ends once its running task is written
+        queued = ex.submit_task(double, (5,))
+        time.sleep(1)
+        assert host.poll() is None and ex.get_task(queued).status is TaskStatus.PENDING
+        (tmp_path / "gate").touch()
+        assert ex.get_task_result(held, timeout=30) == str(tmp_path / "gate")
+        assert host.wait(30) == 0
+        assert "h0" not in hosts_seen(queue_dsn)
+        assert ex.get_task(queued).status is TaskStatus.PENDING  # left for the next host
+        ex.cancel_task(queued)
+
+
+def test_top_shows_the_cluster(queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]]) -> None:
+    start_host("h0", slots=2)
+    with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
+        ex.wait_for_tasks(ex.submit_batch([(double, (i,)) for i in range(5)], priority="LOW"), timeout=30)
+        ex.submit_task(sleep_then, (0,), priority=TaskPriority.URGENT)
+        command = [sys.executable, "-m", "procpool", "top", "--queue", queue_dsn, "--once", "--json"]
+        view = json.loads(subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=60).stdout)
+        assert view["tasks"].get("completed", 0) >= 5
+        assert [h["name"] for h in view["hosts"]] == ["h0"] and view["hosts"][0]["slots"] == 2
+        plain = subprocess.run(command[:-1], env=ENV, capture_output=True, text=True, timeout=60).stdout
+        assert "h0" in plain and "URGENT" in plain
+
+
+@pytest.mark.browser
+def test_a_host_with_pinned_browsers_gives_each_slot_its_browser(queue_dsn: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "procpool", "host", "--queue", queue_dsn, "--slots", "2",
+               "--name", "b0", "--companion", "sessions:pinned_browsers"]  # fmt: skip
+    host = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: "b0" in hosts_seen(queue_dsn), 60)
+        with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
+            pids = ex.wait_for_tasks(ex.submit_batch([(companion_pid, ()) for _ in range(6)]), timeout=120)
+        assert all(isinstance(p, int) for p in pids) and 1 <= len(set(pids)) <= 2, pids
+        assert all(psutil.Process(p).name().startswith("chrom") for p in set(pids))
+    finally:
+        host.terminate()
+        host.wait(60)
+    assert wait_until(lambda: not any(pid_alive(p) for p in set(pids)), 20), "a browser outlived its host"
