@@ -106,9 +106,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
 
     def __new__(cls, *args: Any, queue: str | None = None, **options: Any) -> DistributedExecutor:
         if queue is not None and cls is DistributedExecutor:
-            from ._cluster.client import ClusterExecutor  # psycopg: the postgres extra
-
-            return super().__new__(ClusterExecutor)
+            return super().__new__(cluster_executor())
         return super().__new__(cls)
 
     def __init__(
@@ -578,6 +576,17 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         with self._submit_lock:
             self._closed = error
             return list(self._tasks.values())
+
+
+def cluster_executor() -> type[DistributedExecutor]:
+    """The cluster-mode class; a clear error when psycopg (the postgres extra) is missing."""
+    try:
+        from ._cluster.client import ClusterExecutor
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("psycopg"):
+            raise
+        raise RuntimeError(f"cluster mode needs psycopg ({exc}): pip install 'procpool[postgres]'") from None
+    return ClusterExecutor
 
 
 def _pickle(where: str, blobs: dict[int, bytes], fn: Any, args: Any, kwargs: Any) -> bytes:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+import types
 from collections import deque
 from typing import Any, TextIO
 
@@ -137,6 +138,15 @@ def watch(name: str, interval: float, once: bool, as_json: bool, out: TextIO) ->
         watcher.close()
 
 
+def _cluster_cli() -> types.ModuleType:
+    from ._executor import cluster_executor
+
+    cluster_executor()  # raises a clear error without psycopg (the postgres extra)
+    from ._cluster import cli
+
+    return cli
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m procpool`` and the ``procpool`` script."""
     about = "Watch running procpool pools; serve a cluster queue."
@@ -152,18 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["host"]:
-        from ._cluster import cli  # psycopg: the postgres extra
-
+        cli = _cluster_cli()
         host = argparse.ArgumentParser(prog="procpool host", description="Serve a cluster queue.")
         cli.add_host_arguments(host)
-        return cli.run_host(host.parse_args(argv[1:]))
+        code: int = cli.run_host(host.parse_args(argv[1:]))
+        return code
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error("--interval must be above zero")
     if args.queue is not None:
-        from ._cluster import cli
-
-        return cli.top_queue(args.queue, args.interval, args.once, args.json, sys.stdout)
+        code = _cluster_cli().top_queue(args.queue, args.interval, args.once, args.json, sys.stdout)
+        return int(code)
     if args.name is None:
         _print_pools(list_pools(), args.json, sys.stdout)
         return 0

@@ -65,7 +65,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     assert next(dist.glob("procpool-*.tar.gz"))
     _run(sys.executable, "-m", "venv", where / "venv", cwd=where)
     python = where / "venv" / "bin" / "python"
-    extras = f"{wheel}[browser,remote,prometheus]"
+    extras = f"{wheel}[browser,remote,prometheus,postgres]"
     pip = (python, "-m", "pip", "install", "-q", "--disable-pip-version-check")
     _run(*pip, extras, cwd=where, timeout=PIP_TIMEOUT)
     yield python, wheel
@@ -120,6 +120,32 @@ def test_sessions_without_pyppeteer_names_the_extra_to_install(
             print(e)
     """)
     assert "pip install 'procpool[browser]'" in _run(python, "-c", script, cwd=tmp_path)
+
+
+def test_cluster_mode_runs_from_the_wheel_and_names_its_extra_when_psycopg_is_missing(
+    installed: tuple[Path, Path], tmp_path: Path, queue_dsn: str
+) -> None:
+    python, _ = installed
+    script = textwrap.dedent(f"""
+        from procpool import DistributedExecutor
+
+        def test_task(x):
+            return x * 2
+
+        with DistributedExecutor(max_local_workers=2, queue={queue_dsn!r}) as ex:
+            print(ex.wait_for_tasks([ex.submit_task(test_task, (i,)) for i in range(4)], timeout=60))
+    """)
+    assert _run(python, "-c", script, cwd=tmp_path).strip() == "[0, 2, 4, 6]"
+    missing = textwrap.dedent(f"""
+        import sys
+        sys.modules["psycopg"] = None  # as if not installed
+        from procpool import DistributedExecutor
+        try:
+            DistributedExecutor(queue={queue_dsn!r})
+        except RuntimeError as e:
+            print(e)
+    """)
+    assert "pip install 'procpool[postgres]'" in _run(python, "-c", missing, cwd=tmp_path)
 
 
 def test_the_seed_executor_example_runs_from_the_wheel(installed: tuple[Path, Path], tmp_path: Path) -> None:
