@@ -260,7 +260,7 @@ class Host:
                 self.figures.completed += held.claim.task_id in accepted
         for held in ended:
             if not held.killed and held.outcome[0] != "result":  # type: ignore[index]
-                self._write(held)
+                self._write_failure(held)
 
     def _written(self, held: _Held, accepted: bool) -> None:
         if not accepted:
@@ -268,28 +268,20 @@ class Host:
             log.info("cluster host %s: task %d attempt %d had lost its lease", self.name, *held.claim[:2])
         del self._held[held.claim.task_id]
 
-    def _write(self, held: _Held) -> None:
-        """Write an ended attempt to the database; kept for the next round if it cannot be reached."""
+    def _write_failure(self, held: _Held) -> None:
+        """Write an attempt that did not complete; kept for the next round if the database is down."""
         assert held.outcome is not None
         claim, (kind, value) = held.claim, held.outcome
-        if held.killed:
-            del self._held[claim.task_id]  # its lease is lost: the sweep has it (or will)
-            return
+        blob, text = dump_error(value)
         try:
-            if kind == "result":
-                accepted = self._store.finish(self.name, claim.task_id, claim.attempt, value)
-                self.figures.completed += accepted
-            elif kind == "cancelled":
-                blob, text = dump_error(value)
+            if kind == "cancelled":
                 accepted = self._store.end(self.name, claim.task_id, claim.attempt, blob, text)
-                self.figures.failed += accepted
             else:
-                blob, text = dump_error(value)
                 state = self._store.fail(
                     self.name, claim.task_id, claim.attempt, blob, text, retryable(value, claim.retry_errors)
                 )
                 accepted = state is not None
-                self.figures.failed += accepted
+            self.figures.failed += accepted
         except StoreError:
             return  # the next upkeep tries again while the lease holds
         self._written(held, accepted)
