@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import functools
+import inspect
 import itertools
 import os
 import threading
@@ -194,6 +195,9 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                 f"the executor could not start: {self._supervisor.start_error!r}"
             ) from self._supervisor.start_error
         self._outbox = Outbox(open_channel(self._supervisor.dispatch_address, self._authkey))
+        self._shutdown_at_exit()
+
+    def _shutdown_at_exit(self) -> None:
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def __repr__(self) -> str:
@@ -310,12 +314,23 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         where: str,
         futures_api: bool = False,
     ) -> list[Task]:
+        prio, deadline, names, payloads = self._prepare(items, priority, timeout, where)
+        return self._enqueue(names, payloads, prio, deadline, futures_api)
+
+    def _prepare(
+        self, items: Sequence[tuple[Any, Any, Any]], priority: object, timeout: float | None, where: str
+    ) -> tuple[TaskPriority, float, list[str], list[bytes]]:
+        """Check and pickle a submission: its priority, deadline, and each task's name and payload."""
         self._check_owner()
         prio = check_priority(priority)
-        deadline = self._config.task_timeout if timeout is None else check_positive("timeout", timeout)
+        deadline = self._task_timeout if timeout is None else check_positive("timeout", timeout)
         blobs: dict[int, bytes] = {}  # a batch pickles each distinct function once
         payloads = [_pickle(f"{where}{i}: " if where else "", blobs, *item) for i, item in enumerate(items)]
-        return self._enqueue([_name(fn) for fn, _, _ in items], payloads, prio, deadline, futures_api)
+        return prio, deadline, [_name(fn) for fn, _, _ in items], payloads
+
+    @property
+    def _task_timeout(self) -> float:
+        return self._config.task_timeout
 
     def _enqueue(
         self, names: list[str], payloads: list[bytes], prio: TaskPriority, deadline: float, futures_api: bool
@@ -578,14 +593,26 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             return list(self._tasks.values())
 
 
+# Its signature is __init__'s: __new__ only picks the class (cluster mode for queue=...).
+_init = inspect.signature(DistributedExecutor.__init__)
+DistributedExecutor.__signature__ = _init.replace(parameters=list(_init.parameters.values())[1:])  # type: ignore[attr-defined]
+
+
+@functools.cache
 def cluster_executor() -> type[DistributedExecutor]:
     """The cluster-mode class; a clear error when psycopg (the postgres extra) is missing."""
     try:
-        from ._cluster.client import ClusterExecutor
+        from ._cluster.client import ClusterMode
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("psycopg"):
             raise
         raise RuntimeError(f"cluster mode needs psycopg ({exc}): pip install 'procpool[postgres]'") from None
+
+    class ClusterExecutor(ClusterMode, DistributedExecutor):  # type: ignore[misc]
+        """``DistributedExecutor`` in cluster mode (see ``procpool._cluster.client``)."""
+
+        _local = DistributedExecutor
+
     return ClusterExecutor
 
 

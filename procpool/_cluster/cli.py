@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, TextIO
 
+from .._executor import DistributedExecutor
 from .._states import TaskPriority
 from .host import DEFAULT_LEASE, Host
 from .store import Store, StoreError, masked
@@ -41,7 +42,7 @@ def run_host(args: argparse.Namespace) -> int:
     if args.companion:
         options["companion"] = _companion(args.companion)
     dsn = sys.stdin.readline().strip() if args.queue == "-" else args.queue
-    host = Host(dsn, args.slots, lease=args.lease, name=args.name, **options)
+    host = Host(dsn, args.slots, DistributedExecutor, lease=args.lease, name=args.name, **options)
     if args.queue == "-":  # started by an executor over SSH: it ends us by closing our stdin
         threading.Thread(target=_stop_at_eof, args=(host,), name="procpool-host-stdin", daemon=True).start()
 

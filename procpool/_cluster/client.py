@@ -12,7 +12,6 @@ by id. ``get_stats()`` reads the block the stats thread writes (its
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import logging
 import os
@@ -21,23 +20,22 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._callbacks import Callbacks, Lane
-from .._config import check_positive, check_priority
+from .._config import check_positive
 from .._errors import ExecutorShutdownError, TaskCancelledError
-from .._executor import DistributedExecutor, _name, _pickle, _shutdown_at_exit
 from .._metrics import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, MetricsBlock
 from .._snapshot import read_snapshot
 from .._states import TERMINAL, TaskPriority, TaskStatus
 from .._task import CancelRef, TaskFuture, TaskRecord
-from .host import DEFAULT_LEASE, Host
+from .host import DEFAULT_LEASE, Host, LocalPool
 from .outcome import load_error, load_result
 from .remote import RemoteHosts
 from .store import DONE, Listener, Row, Store, StoreError, check_dsn, masked
 
-__all__ = ("ClusterExecutor",)
+__all__ = ("ClusterMode",)
 
 log = logging.getLogger("procpool.cluster")
 
@@ -54,8 +52,12 @@ class _Submitted(NamedTuple):
     future: TaskFuture
 
 
-class ClusterExecutor(DistributedExecutor):
-    """The executor in cluster mode; made by ``DistributedExecutor(queue=dsn)``.
+class ClusterMode:
+    """What cluster mode changes in ``DistributedExecutor``; ``DistributedExecutor(queue=dsn)`` makes one.
+
+    A mixin: ``procpool._executor`` puts it in front of ``DistributedExecutor``
+    (so this module needs nothing of that one), whose ``_prepare``, ``submit``,
+    ``map``, ``run_async`` and context manager serve it unchanged.
 
     Args:
         queue: the PostgreSQL DSN (its password never reaches a log, a repr
@@ -66,6 +68,17 @@ class ClusterExecutor(DistributedExecutor):
         result_ttl: seconds the database keeps an ended task (hosts drop older ones).
         pool_options: for the in-process host's local pool.
     """
+
+    if TYPE_CHECKING:
+        _local: Callable[..., LocalPool]  # the local pool's class, for the in-process host
+
+        def _prepare(
+            self, items: Sequence[tuple[Any, Any, Any]], priority: object, timeout: float | None, where: str
+        ) -> tuple[TaskPriority, float, list[str], list[bytes]]: ...
+
+        def _shutdown_at_exit(self) -> None: ...
+
+        def _check_owner(self) -> None: ...
 
     def __init__(
         self,
@@ -91,7 +104,7 @@ class ClusterExecutor(DistributedExecutor):
         if enable_remote:
             raise ValueError("enable_remote is for the single-machine queue: in cluster mode add hosts")
         self._dsn = check_dsn(queue)
-        self._task_timeout = check_positive("task_timeout", task_timeout)
+        self._default_timeout = check_positive("task_timeout", task_timeout)
         self._max_retries = max_retries
         self._owner = os.getpid()
         self._submitter = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -120,7 +133,7 @@ class ClusterExecutor(DistributedExecutor):
         self._host: Host | None = None
         if max_local_workers:
             self._host = Host(
-                self._dsn, max_local_workers, lease=lease, result_ttl=result_ttl,
+                self._dsn, max_local_workers, self._local, lease=lease, result_ttl=result_ttl,
                 task_timeout=task_timeout, **pool_options,
             )  # fmt: skip
             self._host.start()
@@ -129,15 +142,19 @@ class ClusterExecutor(DistributedExecutor):
                 error = self._host.error
                 self.shutdown()
                 raise error
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        self._shutdown_at_exit()
 
     def __repr__(self) -> str:
         state = "running" if self._closed is None else "closed"
         return f"<DistributedExecutor {state} queue={masked(self._dsn)}>"
 
+    @property
+    def _task_timeout(self) -> float:
+        return self._default_timeout
+
     # -- submitting ------------------------------------------------------------
 
-    def _submit_many(  # type: ignore[override]
+    def _submit_many(
         self,
         items: Sequence[tuple[Any, Any, Any]],
         priority: object,
@@ -145,15 +162,11 @@ class ClusterExecutor(DistributedExecutor):
         where: str,
         futures_api: bool = False,
     ) -> list[_Submitted]:
-        self._check_owner()
-        prio = check_priority(priority)
-        deadline = self._task_timeout if timeout is None else check_positive("timeout", timeout)
-        blobs: dict[int, bytes] = {}
+        prio, deadline, names, payloads = self._prepare(items, priority, timeout, where)
         rows = [
-            (int(prio), _name(item[0]), _pickle(f"{where}{i}: " if where else "", blobs, *item),
-             deadline, self._max_retries, not futures_api)
-            for i, item in enumerate(items)
-        ]  # fmt: skip
+            (int(prio), name, payload, deadline, self._max_retries, not futures_api)
+            for name, payload in zip(names, payloads, strict=True)
+        ]
         with self._submit_lock:
             if self._closed is not None:
                 raise self._closed
@@ -249,7 +262,7 @@ class ClusterExecutor(DistributedExecutor):
 
     # -- hosts over SSH ------------------------------------------------------------
 
-    def add_remote_worker(  # type: ignore[override]
+    def add_remote_worker(
         self,
         host: str,
         port: int = 22,

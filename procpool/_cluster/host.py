@@ -23,11 +23,11 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import TaskCancelledError, TaskTimeoutError
-from .._executor import DistributedExecutor
 from .._payload import dumps
 from .._states import TaskPriority, TaskStatus
 from .._task import Task
@@ -41,6 +41,20 @@ log = logging.getLogger("procpool.cluster")
 DEFAULT_LEASE = 10.0  # seconds a claim holds a task without renewal
 _CLAIM_POLL = 1.0  # seconds between claims with no notification (one may be lost in a reconnect)
 _RETRY = 0.5  # seconds between attempts to reach a database that is down
+
+
+class LocalPool(Protocol):
+    """What a host needs of its local pool (a ``DistributedExecutor``, handed in: no import cycle)."""
+
+    def _enqueue(
+        self, names: list[str], payloads: list[bytes], prio: TaskPriority, deadline: float, futures_api: bool
+    ) -> Sequence[Task]: ...
+
+    def cancel_task(self, task_id: str) -> bool: ...
+
+    def __enter__(self) -> LocalPool: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
 
 
 @dataclass(slots=True)
@@ -64,13 +78,14 @@ class Host:
 
     ``run()`` blocks until ``stop()``; ``start()`` runs it on a thread. On
     stop it claims nothing more and ends once its running tasks are written.
-    ``pool_options`` go to the local ``DistributedExecutor``.
+    ``pool_class(**pool_options)`` makes the local pool (``DistributedExecutor``).
     """
 
     def __init__(
         self,
         dsn: str,
         slots: int,
+        pool_class: Callable[..., LocalPool],
         *,
         lease: float = DEFAULT_LEASE,
         name: str | None = None,
@@ -87,6 +102,7 @@ class Host:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.result_ttl = result_ttl
         self._store = Store(dsn)
+        self._pool_class = pool_class
         self._pool_options = {"max_retries": 0, **pool_options, "max_local_workers": slots}
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -124,7 +140,7 @@ class Host:
         """Serve until ``stop()``: the body of ``python -m procpool host``."""
         self._until_reached(self._store.create_schema)
         listener = threading.Thread(target=self._listen, name="procpool-host-listen", daemon=True)
-        with DistributedExecutor(**self._pool_options) as pool:
+        with self._pool_class(**self._pool_options) as pool:
             self._pool = pool
             listener.start()
             self.ready.set()
@@ -171,7 +187,7 @@ class Host:
 
     # -- the loop --------------------------------------------------------------
 
-    def _serve(self, pool: DistributedExecutor) -> None:
+    def _serve(self, pool: LocalPool) -> None:
         step = self.lease / 4
         next_upkeep = 0.0
         claim_due = True
@@ -198,7 +214,7 @@ class Host:
     def _running(self) -> int:
         return sum(1 for h in self._held.values() if h.outcome is None and not h.killed)
 
-    def _claim(self, pool: DistributedExecutor) -> bool:
+    def _claim(self, pool: LocalPool) -> bool:
         """Claim for every idle slot; True once the queue had fewer than that (nothing to claim)."""
         idle = self.slots - self._running()
         if idle <= 0:
@@ -218,7 +234,7 @@ class Host:
     def _done(self, number: int, _: object) -> None:
         self._events.put(("done", number))
 
-    def _handle(self, event: tuple[Any, ...], pool: DistributedExecutor) -> bool:
+    def _handle(self, event: tuple[Any, ...], pool: LocalPool) -> bool:
         """Act on one event; True if a claim is due."""
         kind = event[0]
         if kind == "done":
@@ -237,7 +253,7 @@ class Host:
             return due
         return False
 
-    def _kill(self, held: _Held, pool: DistributedExecutor, lost: bool) -> None:
+    def _kill(self, held: _Held, pool: LocalPool, lost: bool) -> None:
         if held.outcome is not None:
             return
         held.killed = held.killed or lost

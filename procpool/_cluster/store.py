@@ -164,12 +164,8 @@ class Store:
                 raise StoreError(f"cluster database unreachable: {_reason(exc)}") from None
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        _close_quietly(self._conn)
+        self._conn = None
 
     def close(self) -> None:
         with self._lock:
@@ -423,9 +419,13 @@ class Listener:
             raise StoreError(f"cluster database unreachable: {_reason(exc)}") from None
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        _close_quietly(self._conn)
+        self._conn = None
+
+
+def _close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
