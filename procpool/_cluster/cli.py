@@ -25,7 +25,8 @@ def add_host_arguments(host: argparse.ArgumentParser) -> None:
     host.add_argument(
         "--queue", required=True,
         help="the PostgreSQL DSN (postgresql://user@host/db), or - to read it from the first line of "
-        "stdin (kept off the command line); then the end of stdin stops the host",
+        "stdin; then the end of stdin stops the host. A password on the command line shows in ps: "
+        "use -, PGPASSWORD or ~/.pgpass",
     )  # fmt: skip
     host.add_argument("--slots", type=int, default=3, help="worker processes (default 3)")
     host.add_argument("--lease", type=float, default=DEFAULT_LEASE, help="seconds a claim lasts unrenewed")

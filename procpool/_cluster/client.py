@@ -13,6 +13,7 @@ by id. ``get_stats()`` reads the block the stats thread writes (its
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import os
 import secrets
@@ -103,6 +104,11 @@ class ClusterMode:
             raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
         if enable_remote:
             raise ValueError("enable_remote is for the single-machine queue: in cluster mode add hosts")
+        local_options = set(inspect.signature(self._local).parameters)
+        unknown = sorted(set(pool_options) - local_options)
+        if unknown:
+            raise TypeError(f"DistributedExecutor() got unexpected keyword arguments: {', '.join(unknown)}")
+        lease = check_positive("lease", lease)
         self._dsn = check_dsn(queue)
         self._default_timeout = check_positive("task_timeout", task_timeout)
         self._max_retries = max_retries
@@ -115,7 +121,7 @@ class ClusterMode:
         self._futures_lane = Lane("procpool-futures")
         self._cancel_ref: CancelRef = weakref.WeakMethod(self._cancel)
         self._waiting: dict[int, TaskFuture] = {}  # tasks someone awaits, by database id
-        self._unreported: set[int] = set()  # tasks it submitted whose end callbacks have not had
+        self._unreported: set[int] = set()  # tasks it submitted whose end it has not told callbacks of
         self._waiting_lock = threading.Lock()
         self._store = Store(self._dsn)
         self._store.create_schema()  # and the database is reachable: a wrong DSN fails here

@@ -226,6 +226,10 @@ def test_bad_input_in_cluster_mode_fails_at_the_call(queue_dsn: str) -> None:
         DistributedExecutor(queue=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_local_workers"):
         DistributedExecutor(max_local_workers=-1, queue=queue_dsn)
+    with pytest.raises(TypeError, match="task_timout"):
+        DistributedExecutor(max_local_workers=0, queue=queue_dsn, task_timout=5)  # a typo is not ignored
+    with pytest.raises(ValueError, match="lease"):
+        DistributedExecutor(max_local_workers=0, queue=queue_dsn, lease=0)
     with DistributedExecutor(max_local_workers=0, queue=queue_dsn) as ex:
         with pytest.raises(TypeError, match="pickle"):
             ex.submit_task(double, (threading.Lock(),))
@@ -374,3 +378,42 @@ def test_a_host_with_pinned_browsers_gives_each_slot_its_browser(queue_dsn: str,
         host.terminate()
         host.wait(60)
     assert wait_until(lambda: not any(pid_alive(p) for p in set(pids)), 20), "a browser outlived its host"
+
+
+def test_a_host_that_cannot_renew_for_half_a_lease_kills_its_task(
+    queue_dsn: str, pg_server: pg.Server, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    with DistributedExecutor(max_local_workers=1, queue=queue_dsn, lease=2) as ex:
+        task = ex.submit_task(second_attempt_wins, (str(marker), 60))
+        assert wait_until(marker.exists, 30)
+        first = int(marker.read_text())
+        pg_server.stop("fast")
+        try:
+            assert wait_until(lambda: not pid_alive(first), 5), "the attempt ran on past half its lease"
+            assert not pg_server.running  # it was the host's own doing: the database is still down
+        finally:
+            pg_server.start()
+        assert ex.get_task_result(task, timeout=30) == "second"
+        assert ex.get_task(task).attempts == 2
+
+
+def test_two_submitters_share_the_queue_and_each_hears_of_its_own_tasks(
+    queue_dsn: str, start_host: Callable[..., subprocess.Popen[str]]
+) -> None:
+    start_host("h0", slots=2)
+    heard: dict[str, list[str]] = {"a": [], "b": []}
+    with (
+        DistributedExecutor(max_local_workers=0, queue=queue_dsn) as a,
+        DistributedExecutor(max_local_workers=0, queue=queue_dsn) as b,
+    ):
+        a.register_callback("task_complete", lambda rec: heard["a"].append(rec.task_id))
+        b.register_callback("task_complete", lambda rec: heard["b"].append(rec.task_id))
+        mine: dict[str, list[str]] = {"a": [], "b": []}
+        for i in range(10):
+            mine["a"].append(a.submit_task(double, (i,), priority=TaskPriority.LOW))
+            mine["b"].append(b.submit_task(double, (100 + i,), priority=TaskPriority.HIGH))
+        assert a.wait_for_tasks(mine["a"], timeout=60) == [i * 2 for i in range(10)]
+        assert b.wait_for_tasks(mine["b"], timeout=60) == [(100 + i) * 2 for i in range(10)]
+        assert a.get_task_result(mine["b"][0]) == 200  # any executor reads any task
+    assert sorted(heard["a"]) == sorted(mine["a"]) and sorted(heard["b"]) == sorted(mine["b"])

@@ -81,19 +81,7 @@ def test_chaos_with_remote_hosts_survives_agents_and_hosts_lost(tmp_path: Path) 
 
 
 def test_cluster_survives_host_and_database_faults(tmp_path: Path, pg_server: object) -> None:
-    report = scenario(
-        tmp_path,
-        "cluster",
-        "--duration",
-        "6",
-        "--every",
-        "1",
-        "--tasks",
-        "200",
-        "--hosts",
-        "2",
-        "--seed",
-        "3",
-    )
+    options = ["--duration", "4", "--every", "1", "--tasks", "100", "--hosts", "2", "--seed", "3"]
+    report = scenario(tmp_path, "cluster", *options)
     assert report["tasks"] > 0 and sum(report["faults"].values()) >= 3
     assert report["cluster"]["tasks_per_s"] > 0 and report["local"]["tasks_per_s"] > 0

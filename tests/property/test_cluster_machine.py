@@ -246,7 +246,7 @@ def test_cluster_queue_machine(queue_dsn: str) -> None:
     run_state_machine_as_test(
         ClusterQueue,
         settings=settings(
-            max_examples=40,
+            max_examples=30,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
