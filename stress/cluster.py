@@ -203,16 +203,14 @@ def storm(
 
 
 def fault(rng: random.Random, hosts: Hosts, server: pg.Server, frozen: list[Any]) -> str:
-    kind = rng.choice(FAULTS)
+    busy = {p.pid for _, p in frozen}
+    alive = [n for n, p in hosts.running.items() if p.poll() is None and p.pid not in busy]
+    kind = rng.choice(FAULTS) if len(alive) >= 2 else "database restart"  # keep one host serving
     if kind == "database restart":
         server.stop("fast")
         time.sleep(0.5)
         server.start()
         return kind
-    busy = {p.pid for _, p in frozen}
-    alive = [n for n, p in hosts.running.items() if p.poll() is None and p.pid not in busy]
-    if len(alive) < 2:  # keep one serving
-        return fault(rng, hosts, server, frozen) if kind != "database restart" else kind
     name = rng.choice(alive)
     process = hosts.running[name]
     if kind == "host SIGKILL":

@@ -303,3 +303,9 @@ def companion_pid() -> int:
     from procpool import companion_info
 
     return int(companion_info()["pid"])
+
+
+def mark_then_wait(marker: str, gate: str) -> str:
+    """Create ``marker`` (the task has started), then block until ``gate`` exists; returns ``gate``."""
+    Path(marker).touch()
+    return wait_for_file(gate, 60)

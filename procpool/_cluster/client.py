@@ -29,7 +29,7 @@ from .._config import check_positive
 from .._errors import ExecutorShutdownError, TaskCancelledError
 from .._metrics import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, MetricsBlock
 from .._snapshot import read_snapshot
-from .._states import TERMINAL, TaskPriority, TaskStatus
+from .._states import TaskPriority, TaskStatus
 from .._task import CancelRef, TaskFuture, TaskRecord
 from .host import DEFAULT_LEASE, Host, LocalPool
 from .outcome import load_error, load_result
@@ -469,11 +469,8 @@ def _number(task_id: object) -> int | None:
 def _record(row: Row) -> TaskRecord:
     status = TaskStatus(row.state)
     result = load_result(row.result) if status is TaskStatus.COMPLETED else None
-    error = None
-    if status in TERMINAL and status is not TaskStatus.COMPLETED:
-        error = load_error(row.error, row.error_text)
-    elif row.error_text:
-        error = load_error(row.error, row.error_text)  # the latest failed attempt's
+    failed = status is not TaskStatus.COMPLETED and (row.error is not None or row.error_text is not None)
+    error = load_error(row.error, row.error_text, row.state) if failed else None  # or the latest attempt's
     elapsed = None if row.finished_at is None or row.started_at is None else row.finished_at - row.started_at
     return TaskRecord(
         _task_id(row.task_id), status, TaskPriority(row.priority), row.name, row.attempts, row.host,

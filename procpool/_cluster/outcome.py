@@ -37,8 +37,11 @@ def dump_error(error: BaseException) -> tuple[bytes, str]:
     return blob, text
 
 
-def load_error(blob: bytes | None, text: str | None) -> BaseException:
-    """The error a submitter raises: the task's own, with the worker's traceback as ``__cause__``."""
+def load_error(blob: bytes | None, text: str | None, state: str) -> BaseException:
+    """The error a submitter raises: the task's own, with the worker's traceback as ``__cause__``.
+
+    With no blob, the database itself ended the attempt: a cancel, or a sweep of a lost lease.
+    """
     error: BaseException
     if blob:
         try:
@@ -46,10 +49,10 @@ def load_error(blob: bytes | None, text: str | None) -> BaseException:
         except Exception as exc:  # noqa: BLE001 - a readable error in its place
             message = f"cannot unpickle the task's error: {exc}"
             error = RemoteTaskError(type(exc).__qualname__, message, text or "")
-    elif text and "lost its lease" in text:
-        error = WorkerLostError(text)
-    else:
+    elif state == "cancelled":
         error = TaskCancelledError(text or "cancelled")
+    else:
+        error = WorkerLostError(text or "its host lost the lease")
     if text and error.__cause__ is None and not isinstance(error, WorkerLostError | TaskCancelledError):
         error.__cause__ = RemoteTraceback(text)
     return error

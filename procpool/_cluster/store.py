@@ -16,7 +16,8 @@ one module that imports psycopg.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import psycopg
@@ -153,15 +154,11 @@ class Store:
         return self._conn
 
     def _run(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                conn = self._connection()
-                with conn.cursor() as cur:  # one statement: its own transaction (autocommit)
-                    cur.execute(sql, params)
-                    return cur.fetchall() if cur.description is not None else []
-            except psycopg.OperationalError as exc:
-                self._drop()
-                raise StoreError(f"cluster database unreachable: {_reason(exc)}") from None
+        with self._lock, _unreachable(self._drop):
+            conn = self._connection()
+            with conn.cursor() as cur:  # one statement: its own transaction (autocommit)
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description is not None else []
 
     def _drop(self) -> None:
         _close_quietly(self._conn)
@@ -402,7 +399,7 @@ class Listener:
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         """Notifications received within ``timeout`` seconds (returns at the first ones)."""
-        try:
+        with _unreachable(self.close):
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
                 for channel in self._channels:
@@ -414,9 +411,6 @@ class Listener:
                 if not more:
                     return found
                 found.extend(more)
-        except psycopg.OperationalError as exc:
-            self.close()
-            raise StoreError(f"cluster database unreachable: {_reason(exc)}") from None
 
     def close(self) -> None:
         _close_quietly(self._conn)
@@ -429,3 +423,13 @@ def _close_quietly(conn: psycopg.Connection[Any] | None) -> None:
             conn.close()
         except psycopg.Error:
             pass
+
+
+@contextmanager
+def _unreachable(drop: Callable[[], None]) -> Iterator[None]:
+    """A lost connection: ``drop`` it (the next call connects again) and raise StoreError."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        drop()
+        raise StoreError(f"cluster database unreachable: {_reason(exc)}") from None

@@ -124,7 +124,7 @@ def test_results_older_than_their_ttl_are_dropped(store: Store) -> None:
     assert [r.task_id for r in store.rows([old, new])] == [new]
 
 
-def test_the_password_never_shows(pg_server: object) -> None:
+def test_the_password_never_shows() -> None:
     dsn = "postgresql://alice:s3cr3t-pw@db.example.com:5432/jobs?sslmode=require"
     assert "s3cr3t" not in masked(dsn) and "sslmode=require" in masked(dsn)
     assert "s3cr3t" not in repr(Store(dsn))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from stress import sshd
+from stress import pg, sshd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,8 @@ def test_chaos_with_remote_hosts_survives_agents_and_hosts_lost(tmp_path: Path) 
     assert sum(report["faults"].values()) >= 5
 
 
-def test_cluster_survives_host_and_database_faults(tmp_path: Path, pg_server: object) -> None:
+@pytest.mark.skipif(not pg.available(), reason="needs PostgreSQL")
+def test_cluster_survives_host_and_database_faults(tmp_path: Path) -> None:
     options = ["--duration", "4", "--every", "1", "--tasks", "100", "--hosts", "2", "--seed", "3"]
     report = scenario(tmp_path, "cluster", *options)
     assert report["tasks"] > 0 and sum(report["faults"].values()) >= 3
