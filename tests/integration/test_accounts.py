@@ -265,19 +265,39 @@ def test_blocking_proxies_take_whatever_pyppeteer_returns(
 
 def test_a_busy_sync_user_is_neither_idle_closed_nor_evicted(make_pool: MakePool) -> None:
     pool = make_pool(max_sessions=2, session_idle_timeout=1.5)
+    pool.get_session("quiet")
     busy = pool.get_session("busy")  # the raw Browser: no hold, only use
     page = pool.run(busy.newPage())
-    pool.get_session("quiet")
-    pid = pid_of(pool, "busy")
-    for _ in range(8):  # 4 s of use, every half second: beyond the idle timeout
-        pool.run(page.evaluate("1 + 1"))
-        time.sleep(0.5)
+    pid, since = pid_of(pool, "busy"), time.monotonic()
+    uses: list[float] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def use() -> None:  # a user thread, busy all along, however slow the launches beside it
+        while not stop.wait(0.25):
+            try:
+                pool.run(page.evaluate("1 + 1"))
+            except Exception as exc:  # noqa: BLE001 - reported by the test thread
+                errors.append(exc)
+                return
+            uses.append(time.monotonic())
+
+    user = threading.Thread(target=use)
+    user.start()
+    try:
+        assert wait_until(lambda: "quiet" not in pool.get_stats()["sessions"], 10)  # unused: idle
+        time.sleep(max(0.0, since + 4 - time.monotonic()))  # used beyond the idle timeout
+        assert pid_of(pool, "busy") == pid
+        pool.get_session("other")
+        launched = time.monotonic()
+        assert wait_until(lambda: bool(uses) and uses[-1] > launched, 10)
+        pool.get_session("third")  # full: the least recently *used* one goes, not the busy one
+        assert set(pool.get_stats()["sessions"]) == {"busy", "third"}
+    finally:
+        stop.set()
+        user.join(10)
+    assert not errors and not user.is_alive()
     assert pid_of(pool, "busy") == pid
-    assert "quiet" not in pool.get_stats()["sessions"]  # the unused one went idle
-    pool.get_session("other")
-    pool.run(page.evaluate("1 + 1"))
-    pool.get_session("third")  # full: the least recently *used* one goes, not the busy one
-    assert set(pool.get_stats()["sessions"]) == {"busy", "third"}
 
 
 def test_a_held_session_is_never_idle_closed(make_pool: MakePool) -> None:
