@@ -15,8 +15,10 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from multiprocessing import forkserver
+from multiprocessing import process as mp_process
 from typing import Any
 
 import psutil
@@ -25,6 +27,7 @@ from ._metrics import active_worker_pids
 
 __all__ = (
     "guard_owner",
+    "own",
     "pid_alive",
     "kill_worker_groups",
     "set_parent_death_signal",
@@ -102,8 +105,28 @@ def _own_fork_server_after_fork() -> None:
             os.close(fd)
 
 
+_ours: weakref.WeakSet[Any] = weakref.WeakSet()  # the pool processes this process started
+
+
+def own(process: Any) -> None:
+    """Note a started pool process (a worker, a link, the manager): see ``_disown_after_fork``."""
+    _ours.add(process)
+
+
+def _disown_after_fork() -> None:
+    """In a child made by os.fork: the parent's pool processes are not its children.
+
+    multiprocessing lists them still, and at a normal exit would join() them and
+    fail ("can only join a child process"), skipping the rest of its exit handlers.
+    """
+    for process in list(_ours):
+        mp_process._children.discard(process)  # type: ignore[attr-defined]
+    _ours.clear()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_own_fork_server_after_fork)
+    os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 def pid_alive(pid: int) -> bool:

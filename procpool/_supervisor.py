@@ -54,6 +54,7 @@ from ._manager_link import ManagerLink
 from ._metrics import MetricsBlock
 from ._outbox import Outbox
 from ._payload import loads_gently
+from ._process import own
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.slots import RemoteSlots, backoff
@@ -264,6 +265,7 @@ class Supervisor(threading.Thread):
             setup.authkey,
         )  # fmt: skip
         self.manager.start(init_manager, args)
+        own(self.manager._process)  # type: ignore[attr-defined]
         self.queue = self.manager.get_queue()  # type: ignore[attr-defined]
         self.dispatch_address = self.queue.dispatch_address()
         link = ManagerLink(self.call, self.queue)
@@ -291,6 +293,7 @@ class Supervisor(threading.Thread):
             process = self.remote.link_process(slot, host, key, writer, self.dispatch_address)
         try:
             process.start()
+            own(process)
         finally:
             writer.close()
         self.workers.add(slot, name, key, process, reader, cgroup, host)
