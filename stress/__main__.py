@@ -1,6 +1,7 @@
 """``python -m stress [SCENARIO] [options]``.
 
-Scenarios: demo (the default), chaos, hostile, soak, compare, pertask, overhead, browsers, remote, cluster.
+Scenarios: demo (the default), chaos, hostile, soak, compare, pertask, floor, overhead, browsers, remote,
+cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ SCENARIOS = (
     "soak",
     "compare",
     "pertask",
+    "floor",
     "overhead",
     "browsers",
     "remote",

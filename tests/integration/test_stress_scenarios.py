@@ -56,6 +56,14 @@ def test_pertask_measures_every_pool_and_procpools_cpu(tmp_path: Path) -> None:
     assert all(value > 0 for value in cpu.values())
 
 
+def test_floor_runs_the_bare_messages_beside_procpool(tmp_path: Path) -> None:
+    report = scenario(tmp_path, "floor", "--tasks", "300", "--rounds", "1")
+    for how in ("one by one", "batched"):
+        figure = report["figures"][how]
+        assert set(figure) == {"floor", "floor without started", "procpool"}
+        assert all(0 < rate < 1e7 for rate in figure.values())
+
+
 def test_overhead_reports_its_figures(tmp_path: Path) -> None:
     report = scenario(tmp_path, "overhead", "--workers", "4", "--calls", "200")
     assert report["figures"]["idle worker USS, median (MB)"] > 0

@@ -1,0 +1,182 @@
+"""The floor under procpool's per-task cost: its messages between its processes, with no bookkeeping.
+
+    caller ── submission frame ──▶ dispatcher process ◀── "ready" ── worker (x2)
+                                           └────── task frame ──────▶ │
+    caller's reader thread ◀──────── "started", "done" ───────────────┘
+
+The same processes and the same messages as procpool (the worker asks for each
+task only when it can run it, so priorities stay strict), written plainly:
+no records, futures, deadlines, counters or fencing. Run beside procpool in
+one run, the ratio says how much of procpool's cost is its bookkeeping and
+how much the round trips themselves. ``--no-started`` leaves that message out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import os
+import pickle
+import select
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from procpool import DistributedExecutor
+from procpool._inbox import Inbox, framed
+
+from . import tasks
+from .common import conclude, say, table
+
+WORKERS = 2
+READY = b"R"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", type=int, default=20_000, help="no-op tasks per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per figure (the best is kept)")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = []
+    figures: dict[str, dict[str, float]] = {}
+    n, rounds = args.tasks, args.rounds
+    for batched in (False, True):
+        how = "batched" if batched else "one by one"
+        say(f"measuring {how} ...")
+        figure = {
+            "floor": _best(rounds, lambda b=batched: floor(n, b, started=True)),
+            "floor without started": _best(rounds, lambda b=batched: floor(n, b, started=False)),
+            "procpool": _best(rounds, lambda b=batched: procpool_rate(n, b)),
+        }
+        figures[how] = figure
+        ratio = f"{figure['procpool'] / figure['floor']:.2f}x"
+        rows.append([how, *(round(v) for v in figure.values()), ratio])
+    shown = table(["tasks/s", "floor", "floor without started", "procpool", "procpool / floor"], rows)
+    return conclude("floor", figures, shown)
+
+
+def _best(rounds: int, measure: Callable[[], float]) -> float:  # the least disturbed run
+    return max(measure() for _ in range(rounds))
+
+
+def procpool_rate(n: int, batched: bool) -> float:
+    with DistributedExecutor(max_local_workers=WORKERS, task_timeout=60) as ex:
+        ex.wait_for_tasks(ex.submit_batch([(tasks.noop,)] * 100))
+        start = time.perf_counter()
+        if batched:
+            ids = ex.submit_batch([(tasks.noop,)] * n)
+        else:
+            ids = [ex.submit_task(tasks.noop) for _ in range(n)]
+        ex.wait_for_tasks(ids, timeout=600)
+        return n / (time.perf_counter() - start)
+
+
+def floor(n: int, batched: bool, started: bool) -> float:
+    """Tasks per second through the bare message pattern (forked processes, ended before it returns)."""
+    channel = socket.socketpair()
+    lines = [socket.socketpair() for _ in range(WORKERS)]
+    results = [socket.socketpair() for _ in range(WORKERS)]
+    pids = [_fork(_dispatch, channel[1].fileno(), [line[1].fileno() for line in lines])]
+    for line, result in zip(lines, results, strict=True):
+        pids.append(_fork(_work, line[0].fileno(), result[0].fileno(), started))
+    try:
+        done = threading.Semaphore(0)
+        reader = threading.Thread(target=_read_results, args=([r[1].fileno() for r in results], n, done))
+        reader.start()
+        payload = pickle.dumps(tasks.noop)
+        fd = channel[0].fileno()
+        start = time.perf_counter()
+        if batched:
+            _write_all(fd, framed(pickle.dumps([(2, i, f"task-{i}", payload) for i in range(n)])))
+        else:
+            for i in range(n):
+                _write_all(fd, framed(pickle.dumps([(2, i, f"task-{i}", payload)])))
+        done.acquire()
+        elapsed = time.perf_counter() - start
+        reader.join()
+        return n / elapsed
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for pair in [channel, *lines, *results]:
+            for end in pair:
+                end.close()
+
+
+def _fork(body: Callable[..., None], *args: Any) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body(*args)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+def _dispatch(channel: int, lines: list[int]) -> None:
+    """The dispatcher: a heap of submissions; each "ready" gets the next task."""
+    selector = selectors.DefaultSelector()
+    inboxes = {fd: Inbox(fd) for fd in [channel, *lines]}
+    for fd, inbox in inboxes.items():
+        selector.register(fd, selectors.EVENT_READ, inbox)
+    heap: list[tuple[int, int, str, bytes]] = []
+    idle: list[int] = []
+    while True:
+        for key, _ in selector.select():
+            for frame in key.data.read():
+                if key.fd == channel:
+                    for item in pickle.loads(frame):
+                        heapq.heappush(heap, item)
+                else:
+                    idle.append(key.fd)
+            if key.data.closed:
+                return
+        while idle and heap:
+            _, _, task_id, payload = heapq.heappop(heap)
+            _write_all(idle.pop(0), framed(pickle.dumps((task_id, payload))))
+
+
+def _work(line: int, result: int, started: bool) -> None:
+    """A worker: ask, run, report; it holds no task it is not running."""
+    inbox = Inbox(line)
+    _write_all(line, framed(READY))
+    poll = selectors.DefaultSelector()
+    poll.register(line, selectors.EVENT_READ)
+    while not inbox.closed:
+        poll.select()
+        for frame in inbox.read():
+            task_id, payload = pickle.loads(frame)
+            if started:
+                os.write(result, framed(pickle.dumps(("started", task_id))))
+            value = pickle.loads(payload)()
+            _write_all(line, framed(READY))
+            os.write(result, framed(pickle.dumps(("done", task_id, True, pickle.dumps(value)))))
+
+
+def _read_results(fds: list[int], n: int, done: threading.Semaphore) -> None:
+    selector = selectors.DefaultSelector()
+    for fd in fds:
+        selector.register(fd, selectors.EVENT_READ, Inbox(fd))
+    results: dict[str, object] = {}
+    while len(results) < n:
+        for key, _ in selector.select():
+            for frame in key.data.read():
+                message = pickle.loads(frame)
+                if message[0] == "done":
+                    results[message[1]] = pickle.loads(message[3])
+    done.release()
