@@ -138,10 +138,14 @@ def watch(name: str, interval: float, once: bool, as_json: bool, out: TextIO) ->
         watcher.close()
 
 
-def _cluster_cli() -> types.ModuleType:
+def _cluster_cli(parser: argparse.ArgumentParser) -> types.ModuleType:
+    """The cluster commands' module; without psycopg (the postgres extra), exit saying so."""
     from ._executor import cluster_executor
 
-    cluster_executor()  # raises a clear error without psycopg (the postgres extra)
+    try:
+        cluster_executor()
+    except RuntimeError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     from ._cluster import cli
 
     return cli
@@ -162,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["host"]:
-        cli = _cluster_cli()
         host = argparse.ArgumentParser(prog="procpool host", description="Serve a cluster queue.")
+        cli = _cluster_cli(host)
         cli.add_host_arguments(host)
         code: int = cli.run_host(host.parse_args(argv[1:]))
         return code
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interval <= 0:
         parser.error("--interval must be above zero")
     if args.queue is not None:
-        code = _cluster_cli().top_queue(args.queue, args.interval, args.once, args.json, sys.stdout)
+        code = _cluster_cli(parser).top_queue(args.queue, args.interval, args.once, args.json, sys.stdout)
         return int(code)
     if args.name is None:
         _print_pools(list_pools(), args.json, sys.stdout)

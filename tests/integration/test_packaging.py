@@ -146,6 +146,16 @@ def test_cluster_mode_runs_from_the_wheel_and_names_its_extra_when_psycopg_is_mi
             print(e)
     """)
     assert "pip install 'procpool[postgres]'" in _run(python, "-c", missing, cwd=tmp_path)
+    host = textwrap.dedent(f"""
+        import sys
+        sys.modules["psycopg"] = None
+        from procpool._top import main
+        sys.exit(main(["host", "--queue", {queue_dsn!r}]))
+    """)
+    done = subprocess.run([python, "-c", host], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("procpool host: error: cluster mode needs psycopg"), done.stderr
+    assert "pip install 'procpool[postgres]'" in done.stderr
 
 
 def test_the_seed_executor_example_runs_from_the_wheel(installed: tuple[Path, Path], tmp_path: Path) -> None:
