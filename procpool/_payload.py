@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-__all__ = ("dump_call", "dump_function", "dumps", "load_call", "loads_gently")
+__all__ = ("PYTHON", "dump_call", "dump_function", "dumps", "load_call", "loads_gently", "needs_same_python")
 
 _LENGTH = 4
 _CACHE_SIZE = 128  # distinct functions a worker keeps unpickled
@@ -35,6 +36,8 @@ _PLAIN_ITEMS = 256  # containers and their items looked at before cloudpickle is
 _NO_ARGS = pickle.dumps(((), {}), cloudpickle.DEFAULT_PROTOCOL)
 Readable = bytes | bytearray | memoryview | mmap.mmap
 _SLICE = 1 << 20  # bytes copied per step by loads_gently: about a millisecond with the GIL held
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"  # code pickled by value runs on this version only
+_BY_VALUE = (b"cloudpickle", b"CodeType")  # in every pickle of a function or class sent by value
 
 
 def dump_function(fn: Callable[..., Any]) -> bytes:
@@ -97,6 +100,15 @@ def dump_call(fn_blob: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     """One payload for ``fn(*args, **kwargs)``; raises what pickling raises."""
     args_blob = _NO_ARGS if not args and not kwargs else dumps((args, kwargs))
     return len(fn_blob).to_bytes(_LENGTH, "little") + fn_blob + args_blob
+
+
+def needs_same_python(payload: bytes) -> bool:
+    """Whether the payload holds code pickled by value (a lambda, a closure, ``__main__``'s
+    functions and classes): only the Python version that pickled it can run it.
+
+    Conservative: any mention of cloudpickle's reconstructors, or of a code object, counts.
+    """
+    return any(marker in payload for marker in _BY_VALUE)
 
 
 def load_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:

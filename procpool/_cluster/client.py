@@ -28,6 +28,7 @@ from .._callbacks import Callbacks, Lane
 from .._config import check_positive
 from .._errors import ExecutorShutdownError, TaskCancelledError
 from .._metrics import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, MetricsBlock
+from .._payload import PYTHON, needs_same_python
 from .._snapshot import read_snapshot
 from .._states import TaskPriority, TaskStatus
 from .._task import CancelRef, TaskFuture, TaskRecord
@@ -176,7 +177,8 @@ class ClusterMode:
         with self._submit_lock:
             if self._closed is not None:
                 raise self._closed
-            ids = self._store.submit(rows, self._submitter)
+            pythons = [PYTHON if needs_same_python(payload) else None for payload in payloads]
+            ids = self._store.submit(rows, self._submitter, pythons)
             with self._waiting_lock:
                 submitted = [_Submitted(_task_id(i), self._await(i, kills=not futures_api)) for i in ids]
                 self._unreported.update(ids)

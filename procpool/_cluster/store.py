@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .._payload import PYTHON
+
 __all__ = ("CANCEL", "DONE", "NEW", "Claim", "Listener", "Row", "Store", "StoreError", "check_dsn", "masked")
 
 NEW, DONE, CANCEL = "procpool_new", "procpool_done", "procpool_cancel"  # NOTIFY channels
@@ -51,6 +53,7 @@ CREATE TABLE IF NOT EXISTS procpool_tasks (
     started_at timestamptz,
     finished_at timestamptz
 );
+ALTER TABLE procpool_tasks ADD COLUMN IF NOT EXISTS python text;  -- a tables' earlier version
 CREATE INDEX IF NOT EXISTS procpool_tasks_queue ON procpool_tasks (priority, id)
     WHERE state IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS procpool_tasks_leases ON procpool_tasks (lease_until) WHERE state = 'running';
@@ -180,18 +183,25 @@ class Store:
         self,
         tasks: Sequence[tuple[int, str, bytes, float, int, bool]],
         submitter: str,
+        pythons: Sequence[str | None] | None = None,
     ) -> list[int]:
-        """Queue rows of (priority, name, payload, timeout, max_retries, retry_errors); ids in order."""
+        """Queue rows of (priority, name, payload, timeout, max_retries, retry_errors); ids in order.
+
+        ``pythons``: per row, the only Python version ("3.11") whose hosts may claim it, or
+        None for any (see ``_payload.needs_same_python``); None for all rows by default.
+        """
         if not tasks:
             return []
-        columns = list(zip(*tasks, strict=True))
+        columns = [list(c) for c in zip(*tasks, strict=True)]
+        columns.append(list(pythons) if pythons is not None else [None] * len(tasks))
         rows = self._run(
             "WITH new AS (INSERT INTO procpool_tasks "
-            "(priority, name, payload, timeout, max_retries, retry_errors, submitter) "
-            "SELECT p, n, b, t, r, e, %s FROM unnest(%s::smallint[], %s::text[], %s::bytea[], %s::float8[], "
-            "%s::integer[], %s::boolean[]) WITH ORDINALITY AS t(p, n, b, t, r, e, o) "
-            "ORDER BY o RETURNING id) SELECT id, pg_notify(%s, '') FROM new ORDER BY id",
-            [submitter, *map(list, columns), NEW],
+            "(priority, name, payload, timeout, max_retries, retry_errors, python, submitter) "
+            "SELECT p, n, b, t, r, e, v, %s FROM unnest(%s::smallint[], %s::text[], %s::bytea[], "
+            "%s::float8[], %s::integer[], %s::boolean[], %s::text[]) "
+            "WITH ORDINALITY AS t(p, n, b, t, r, e, v, o) ORDER BY o RETURNING id) "
+            "SELECT id, pg_notify(%s, '') FROM new ORDER BY id",
+            [submitter, *columns, NEW],
         )
         return [row[0] for row in rows]
 
@@ -237,18 +247,22 @@ class Store:
 
     # -- hosts -------------------------------------------------------------------
 
-    def claim(self, host: str, count: int, lease: float) -> list[Claim]:
-        """Take up to ``count`` queued tasks, highest priority and oldest first, each for one attempt."""
+    def claim(self, host: str, count: int, lease: float, python: str = PYTHON) -> list[Claim]:
+        """Take up to ``count`` queued tasks, highest priority and oldest first, each for one attempt.
+
+        A host of Python ``python`` skips the tasks only another version can run.
+        """
         if count <= 0:
             return []
         rows = self._run(
             "WITH picked AS (SELECT id FROM procpool_tasks WHERE state IN ('pending', 'retrying') "
+            "AND (python IS NULL OR python = %s) "
             "ORDER BY priority, id LIMIT %s FOR UPDATE SKIP LOCKED) "
             "UPDATE procpool_tasks t SET state = 'running', attempts = t.attempts + 1, host = %s, "
             "lease_until = now() + make_interval(secs => %s), started_at = now() "
             "FROM picked WHERE t.id = picked.id "
             "RETURNING t.id, t.attempts, t.priority, t.name, t.payload, t.timeout, t.retry_errors",
-            [count, host, lease],
+            [python, count, host, lease],
         )
         return sorted((Claim(*r) for r in rows), key=lambda c: (c.priority, c.task_id))
 

@@ -27,6 +27,14 @@ def expire(store: Store, host: str) -> None:
     store._run("UPDATE procpool_tasks SET lease_until = now() - interval '1 second' WHERE host = %s", [host])
 
 
+def test_a_host_claims_only_what_its_python_can_run(store: Store) -> None:
+    # Code pickled by value (a lambda) runs on the Python version that pickled it only.
+    first, other, second = store.submit([row(), row(0), row()], "s", pythons=[None, "9.9", "3.0"])
+    assert [c.task_id for c in store.claim("h", 5, 30, python="3.0")] == [first, second]
+    assert store.claim("h", 5, 30, python="3.0") == []
+    assert [c.task_id for c in store.claim("new", 5, 30, python="9.9")] == [other]
+
+
 def test_claims_in_priority_then_submission_order_with_a_retry_in_its_place(store: Store) -> None:
     low, first, second, urgent = store.submit([row(3), row(2), row(2), row(0)], "s")
     claimed = store.claim("h", 2, 30)

@@ -19,3 +19,25 @@ def test_the_cache_keeps_a_bounded_number_of_functions() -> None:
     for n in range(_payload._CACHE_SIZE + 10):
         load_call(dump_call(dump_function(lambda n=n: n), (), {}))
     assert len(_payload._cache) == _payload._CACHE_SIZE
+
+
+class _Local:  # a class pickled by reference: it is found by its module's name
+    pass
+
+
+def test_code_pickled_by_value_is_marked_for_its_own_python_only() -> None:
+    def closure(x: int) -> int:
+        return x
+
+    class Defined:  # defined in a function: it travels by value
+        pass
+
+    by_reference = dump_function(_payload.dump_call)
+    by_value = dump_function(lambda x: x + 1)
+    assert not _payload.needs_same_python(dump_call(by_reference, (1, "a", [2.0], {"k": None}), {}))
+    assert not _payload.needs_same_python(dump_call(by_reference, (_Local(),), {}))
+    assert _payload.needs_same_python(dump_call(by_value, (1,), {}))
+    assert _payload.needs_same_python(dump_call(dump_function(closure), (), {}))
+    assert _payload.needs_same_python(dump_call(by_reference, (closure,), {}))  # code in the arguments
+    assert _payload.needs_same_python(dump_call(by_reference, (), {"obj": Defined()}))
+    assert _payload.PYTHON.count(".") == 1
