@@ -124,8 +124,13 @@ def masked(dsn: str) -> str:
 
 def check_dsn(dsn: object) -> str:
     """Raise ValueError naming the problem (never the password) if ``dsn`` cannot be a DSN."""
-    if not isinstance(dsn, str) or not dsn:
+    if not isinstance(dsn, str):
         raise TypeError(f"queue must be a PostgreSQL DSN string, not {type(dsn).__name__}")
+    if not dsn.strip():
+        raise ValueError(
+            "queue is empty: give a PostgreSQL DSN (postgresql://user@host/dbname; "
+            "'postgresql://' takes everything from the PG* environment variables)"
+        )
     try:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:

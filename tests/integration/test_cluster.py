@@ -224,6 +224,8 @@ def test_bad_input_in_cluster_mode_fails_at_the_call(queue_dsn: str) -> None:
         DistributedExecutor(queue="postgresql://u@h/db?no_such_option=1")
     with pytest.raises(TypeError, match="DSN"):
         DistributedExecutor(queue=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="queue is empty"):
+        DistributedExecutor(queue=" ")
     with pytest.raises(ValueError, match="max_local_workers"):
         DistributedExecutor(max_local_workers=-1, queue=queue_dsn)
     with pytest.raises(TypeError, match="task_timout"):
