@@ -40,10 +40,14 @@ def add_host_arguments(host: argparse.ArgumentParser) -> None:
 def run_host(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options: dict[str, Any] = {"task_timeout": args.task_timeout}
-    if args.companion:
-        options["companion"] = _companion(args.companion)
     dsn = sys.stdin.readline().strip() if args.queue == "-" else args.queue
-    host = Host(dsn, args.slots, DistributedExecutor, lease=args.lease, name=args.name, **options)
+    try:
+        if args.companion:
+            options["companion"] = _companion(args.companion)
+        host = Host(dsn, args.slots, DistributedExecutor, lease=args.lease, name=args.name, **options)
+    except (ValueError, TypeError, ImportError, AttributeError) as exc:  # bad options: said in one line
+        print(f"procpool host: error: {exc}", file=sys.stderr)
+        return 2
     if args.queue == "-":  # started by an executor over SSH: it ends us by closing our stdin
         threading.Thread(target=_stop_at_eof, args=(host,), name="procpool-host-stdin", daemon=True).start()
 
@@ -74,8 +78,12 @@ def _stop_at_eof(host: Host) -> None:
 def _companion(spec: str) -> Any:
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise SystemExit(f"procpool host: --companion must be module:factory, not {spec!r}")
-    return getattr(importlib.import_module(module), name)()
+        raise ValueError(f"--companion must be module:factory, not {spec!r}")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--companion {spec!r} cannot be loaded: {exc}") from None
+    return factory()
 
 
 def top_queue(dsn: str, interval: float, once: bool, as_json: bool, out: TextIO) -> int:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._config import check_positive
 from .._errors import TaskCancelledError, TaskTimeoutError
 from .._payload import dumps
 from .._states import TaskPriority, TaskStatus
@@ -41,6 +42,7 @@ log = logging.getLogger("procpool.cluster")
 DEFAULT_LEASE = 10.0  # seconds a claim holds a task without renewal
 _CLAIM_POLL = 1.0  # seconds between claims with no notification (one may be lost in a reconnect)
 _RETRY = 0.5  # seconds between attempts to reach a database that is down
+_SAY_AGAIN = 30.0  # seconds between two warnings that it is still down
 
 
 class LocalPool(Protocol):
@@ -96,6 +98,8 @@ class Host:
             raise ValueError(f"slots must be an int >= 1, not {slots!r}")
         if not isinstance(lease, int | float) or lease < 0.2:
             raise ValueError(f"lease must be at least 0.2 seconds, not {lease!r}")
+        if pool_options.get("task_timeout") is not None:  # before the database is reached
+            check_positive("task_timeout", pool_options["task_timeout"])
         self.dsn = dsn
         self.slots = slots
         self.lease = float(lease)
@@ -159,13 +163,19 @@ class Host:
         self._store.close()
 
     def _until_reached(self, call: Any) -> Any:
+        since = said = None
         while True:
             try:
                 return call()
             except StoreError as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning("cluster host %s: %s; trying again", self.name, exc)
+                now = time.monotonic()
+                if since is None or said is None or now - said >= _SAY_AGAIN:
+                    down = "" if since is None else f" (for {now - since:.0f} s)"
+                    log.warning("cluster host %s: %s%s; trying again", self.name, exc, down)
+                    said = now
+                since = now if since is None else since
                 self._stopping.wait(_RETRY)
 
     def _listen(self) -> None:

@@ -219,6 +219,24 @@ def test_a_submitter_with_no_host_ends_at_once_and_its_tasks_wait_in_the_queue(q
         assert server.get_task(queued).attempts == 1
 
 
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        (["--slots", "0"], "slots must be an int >= 1"),
+        (["--lease", "-1"], "lease must be at least 0.2 seconds"),
+        (["--task-timeout", "0"], "task_timeout must be a finite number of seconds above zero"),
+        (["--companion", "nosuchmodule:factory"], "No module named 'nosuchmodule'"),
+    ],
+)
+def test_a_bad_host_option_is_said_in_one_line_before_any_connection(option: list[str], said: str) -> None:
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"  # refused if it were tried
+    command = [sys.executable, "-m", "procpool", "host", "--queue", unreachable, *option]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("procpool host: error: ") and said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "unreachable" not in done.stderr
+
+
 def test_bad_input_in_cluster_mode_fails_at_the_call(queue_dsn: str) -> None:
     with pytest.raises(ValueError, match="DSN"):
         DistributedExecutor(queue="postgresql://u@h/db?no_such_option=1")
