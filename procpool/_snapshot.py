@@ -66,20 +66,54 @@ def _read_workers(buf: memoryview, snap: bytes, slots: int) -> tuple[dict[str, d
     workers: dict[str, dict[str, Any]] = {}
     active = memory = 0
     now = time.monotonic()
-    end = HEADER_SIZE + slots * SLOT_SIZE
-    for slot, fields in enumerate(_SLOT_PADDED.iter_unpack(snap[HEADER_SIZE:end])):
-        if fields[2] == 0:
-            continue  # never used
-        if fields[0] & 1 or fields[9] & 1 or fields[18] & 1 or not (same or _steady(snap, again, slot)):
-            fields = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
-        name, view = _worker_view(fields, now)
+    for slot in range(slots):
+        base = HEADER_SIZE + slot * SLOT_SIZE
+        raw = snap[base : base + SLOT_SIZE]
+        entry = _clean.get(raw) if same else None
+        if entry is None:
+            entry = _entry(buf, snap, again, same, slot, raw)
+        if entry is _UNUSED:
+            continue
+        name, view, born, busy, heartbeat, tree = entry
+        view = view.copy()  # the caller's to change
+        view["load"] = min(busy / (now - born), 1.0) if now > born else 0.0  # share of its life spent busy
+        if heartbeat and view["active"]:
+            view["heartbeat_age"] = now - heartbeat
+        if view["browser"] is not None:
+            view["browser"] = dict(view["browser"])
         workers[name] = view
-        if fields[3]:
+        if tree is not None:
             active += 1
-            memory += fields[29]  # its companion (browser), if any
-            if fields[19] == fields[4]:  # a sample of this worker process, not of an earlier one
-                memory += fields[20]
+            memory += tree
     return workers, active, memory
+
+
+_UNUSED: Any = ()  # a slot never used
+_clean: dict[bytes, Any] = {}  # the entry of a slot's bytes read whole: a slot changes a few times a second
+_CLEAN_MAX = 4096
+
+
+def _entry(buf: memoryview, snap: bytes, again: bytes, same: bool, slot: int, raw: bytes) -> Any:
+    """A slot's name, view without its clock-dependent fields, born, busy, heartbeat and tree USS."""
+    fields = _SLOT_PADDED.unpack(raw)
+    if fields[2] == 0:
+        entry: Any = _UNUSED
+    else:
+        torn = fields[0] & 1 or fields[9] & 1 or fields[18] & 1 or not (same or _steady(snap, again, slot))
+        if torn:
+            fields = _fresh_slot(buf, HEADER_SIZE + slot * SLOT_SIZE)
+        tree = None
+        if fields[3]:  # active: its companion (browser), if any, and this worker process's own tree
+            tree = fields[29] + (fields[20] if fields[19] == fields[4] else 0)
+        name, view = _worker_view(fields)
+        entry = (name, view, fields[5], fields[16], fields[17], tree)
+        if torn:
+            return entry  # read again: not the bytes of ``raw``
+    if same:
+        if len(_clean) >= _CLEAN_MAX:
+            _clean.clear()
+        _clean[raw] = entry
+    return entry
 
 
 # A stopped worker's view; live ones start from a copy (cheaper than a dict literal).
@@ -91,14 +125,14 @@ _STOPPED: dict[str, Any] = {
 }  # fmt: skip
 
 
-def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, Any]]:
-    (_, name, kind, active, pid, born, restarts, lost, healthy,
-     _, own_pid, state, task, _, completed, failed, busy, heartbeat,
+def _worker_view(fields: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+    """A slot's name and view, but for "load" and "heartbeat_age" (they move with the clock)."""
+    (_, name, kind, active, pid, _, restarts, lost, healthy,
+     _, own_pid, state, task, _, completed, failed, _, _,
      _, mem_pid, uss, pss, _, procs, cpu, _, _, exact, b_pid, b_uss, b_pss, b_procs) = fields  # fmt: skip
     view = _STOPPED.copy()
     view["completed"] = completed
     view["failed"] = failed + lost
-    view["load"] = min(busy / (now - born), 1.0) if now > born else 0.0  # share of its life spent busy
     view["pid"] = pid
     view["restarts"] = restarts
     if kind != 1:
@@ -111,8 +145,6 @@ def _worker_view(fields: tuple[Any, ...], now: float) -> tuple[str, dict[str, An
         view["state"] = WorkerState.NAMES[state]
         if state == WorkerState.RUNNING:
             view["current_task"] = _name(task)
-        if heartbeat:
-            view["heartbeat_age"] = now - heartbeat
         if b_pid:  # the slot's companion outlives its workers: its figures stay good
             view["browser"] = {
                 "pid": b_pid,

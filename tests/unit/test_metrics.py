@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,21 @@ def test_a_damaged_or_short_block_is_unreadable_not_a_crash(tmp_path: Path) -> N
         assert list(read_snapshot(buf)["workers"]) == ["\ufffd\ufffdworker"]
     finally:
         block.close()
+
+
+def test_a_view_read_again_is_fresh_however_it_was_changed(block: MetricsBlock) -> None:
+    # Unchanged slots are read from a cache of their bytes: what a caller does to a view,
+    # and the clock, must still show in the next read.
+    block.supervisor_section(2).write(b"local-worker-2", 1, 1, os.getpid(), time.monotonic() - 10, 0, 0, 1)
+    writer = SlotWriter(block.name, 2)
+    writer.idle()
+    first = snapshot(block)["workers"]["local-worker-2"]  # type: ignore[index]
+    first["completed"] = 99
+    first["state"] = "changed by the caller"
+    time.sleep(0.05)
+    second = snapshot(block)["workers"]["local-worker-2"]  # type: ignore[index]
+    assert (second["completed"], second["state"]) == (0, "idle")
+    assert second["heartbeat_age"] > first["heartbeat_age"]  # the same bytes, a later clock
+    writer.running("task-4")
+    assert snapshot(block)["workers"]["local-worker-2"]["current_task"] == "task-4"  # type: ignore[index]
+    writer.close()
