@@ -43,6 +43,7 @@ log = logging.getLogger("procpool.cluster")
 
 _POLL = 1.0  # seconds between looks at the table for awaited tasks (a notification may be lost)
 _STATS_EVERY = 0.5  # seconds between copies of the cluster's counts into the block
+_STATS_SHARE = 20  # the counts' refresh waits at least this many times what they took
 _HOST_GONE = 30.0  # seconds after its last beat a host no longer counts as serving the queue
 _EVENTS = {TaskStatus.COMPLETED: "task_complete", TaskStatus.FAILED: "task_failed"}
 _SLOT = {"pending": PENDING, "retrying": PENDING, "running": RUNNING, "completed": COMPLETED}
@@ -126,6 +127,7 @@ class ClusterMode:
         self._waiting_lock = threading.Lock()
         self._store = Store(self._dsn)
         self._store.create_schema()  # and the database is reachable: a wrong DSN fails here
+        self._counting = Store(self._dsn)  # the stats thread's own: a long count holds no submit up
         self._metrics = MetricsBlock(0)
         self._cluster: dict[str, Any] = {"hosts": {}, "age": None}
         self._stopped = threading.Event()
@@ -350,15 +352,21 @@ class ClusterMode:
     # -- stats -------------------------------------------------------------------
 
     def _mirror(self) -> None:
-        while not self._stopped.wait(_STATS_EVERY if self._cluster["age"] is not None else 0):
+        wait = 0.0
+        while not self._stopped.wait(wait):
+            start = time.monotonic()
             try:
                 self._refresh()
             except StoreError:
+                wait = _STATS_EVERY
                 continue
+            # Counting is a scan of the table: on a big one it runs less often, so that it
+            # keeps the database busy for a twentieth of the time at most.
+            wait = max(_STATS_EVERY, _STATS_SHARE * (time.monotonic() - start))
 
     def _refresh(self) -> None:
         """Copy the cluster's counts into the block, and its hosts' figures beside it."""
-        counts = self._store.counts()
+        counts = self._counting.counts()
         counters = self._metrics.counters
         with self._metrics.header_lock:
             counters.states = [0] * 5
@@ -448,6 +456,7 @@ class ClusterMode:
         with self._submit_lock:
             self._final_stats = stats
         self._store.close()
+        self._counting.close()
         self._metrics.close()
 
 

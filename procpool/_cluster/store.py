@@ -15,6 +15,7 @@ one module that imports psycopg.
 
 from __future__ import annotations
 
+import select
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +123,13 @@ def masked(dsn: str) -> str:
     return make_conninfo(**params)  # type: ignore[arg-type]
 
 
+def _readable(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection has input: the server's goodbye (or its end of file)."""
+    poll = select.poll()
+    poll.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poll.poll(0))
+
+
 def check_dsn(dsn: object) -> str:
     """Raise ValueError naming the problem (never the password) if ``dsn`` cannot be a DSN."""
     if not isinstance(dsn, str):
@@ -141,8 +149,9 @@ def check_dsn(dsn: object) -> str:
 class Store:
     """One connection to the cluster's database; each method is one transaction.
 
-    Thread-safe (one statement at a time). A lost connection raises
-    StoreError; the next call connects again.
+    Thread-safe (one statement at a time). A connection the server closed while
+    it was idle (a restart, a failover) is replaced before the statement is sent;
+    one lost while a statement runs raises StoreError, and the next call connects again.
     """
 
     def __init__(self, dsn: str, connect_timeout: float = 5.0) -> None:
@@ -155,6 +164,8 @@ class Store:
         return f"<Store {masked(self._dsn)}>"
 
     def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed and _readable(self._conn):
+            self._drop()  # the server ended it: an idle connection has nothing to read
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(
                 self._dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))

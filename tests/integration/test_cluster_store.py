@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from procpool._cluster.store import Store, StoreError, check_dsn, masked
+from stress import pg
 
 Row = tuple[int, str, bytes, float, int, bool]
 
@@ -143,3 +144,11 @@ def test_the_password_never_shows() -> None:
     with pytest.raises(StoreError) as down:
         unreachable.claim("h", 1, 30)
     assert "s3cr3t" not in str(down.value)
+
+
+def test_the_first_call_after_a_database_restart_reconnects(store: Store, pg_server: pg.Server) -> None:
+    (number,) = store.submit([row()], "s")
+    pg_server.stop("fast")  # the server ends the idle connection as it goes
+    pg_server.start()
+    assert [r.task_id for r in store.rows([number])] == [number]  # no StoreError: nothing was sent yet
+    assert store.submit([row()], "s") == [number + 1]  # and a write on it counts once
