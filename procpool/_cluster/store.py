@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS procpool_tasks (
     started_at timestamptz,
     finished_at timestamptz
 );
-ALTER TABLE procpool_tasks ADD COLUMN IF NOT EXISTS python text;  -- a tables' earlier version
+ALTER TABLE procpool_tasks ADD COLUMN IF NOT EXISTS python text;  -- tables made by an earlier version
 CREATE INDEX IF NOT EXISTS procpool_tasks_queue ON procpool_tasks (priority, id)
     WHERE state IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS procpool_tasks_leases ON procpool_tasks (lease_until) WHERE state = 'running';
