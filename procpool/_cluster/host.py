@@ -163,7 +163,7 @@ class Host:
         self._store.close()
 
     def _until_reached(self, call: Any) -> Any:
-        since = said = None
+        since = said = None  # when it was first found down, and last said so
         while True:
             try:
                 return call()
@@ -171,11 +171,11 @@ class Host:
                 if self._stopping.is_set():
                     raise
                 now = time.monotonic()
-                if since is None or said is None or now - said >= _SAY_AGAIN:
+                if said is None or now - said >= _SAY_AGAIN:
                     down = "" if since is None else f" (for {now - since:.0f} s)"
                     log.warning("cluster host %s: %s%s; trying again", self.name, exc, down)
                     said = now
-                since = now if since is None else since
+                since = since or now
                 self._stopping.wait(_RETRY)
 
     def _listen(self) -> None:
