@@ -1,12 +1,20 @@
 """Task events on the supervisor thread: started, done, deadlines, cancels, deaths, retries.
 
-    worker messages ──▶ TaskEvents ── Ledger.move (the one writer of task state)
+    worker slots    ──▶ TaskEvents ── Ledger.move (the one writer of task state)
+    worker messages ──▶     │
     worker deaths   ──▶     │ ── kill(w, why, attempt): the worker set's kill ladder
     deadline timers ──▶     │ ── link: put, release and cancel in the manager's queue
                             └── decoder lane: results unpickled off this thread
 
 An attempt counts only while it is the task's current one and its worker is
 not fenced (see ``_supervisor``).
+
+A local worker sends no "started": it writes each start in its slot before
+running the task, and ``scan`` reads the slots every few milliseconds while
+tasks are unfinished. A start not read yet is taken from the "done" that ends
+it, or from the slot once the worker has died; the deadline counts from the
+time the worker wrote. (A remote slot's link still says "started": its agent
+needs the deadline.)
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from ._config import Config
 from ._errors import RemoteTaskError, TaskCancelledError, TaskTimeoutError, WorkerLostError, WorkerMemoryError
 from ._ledger import Ledger, rebuild_error
 from ._manager_link import ManagerLink
+from ._metrics import SlotStart, read_start
 from ._outbox import Outbox
 from ._payload import loads_gently
 from ._remote.slots import DEADLINE_MARGIN
@@ -91,6 +100,7 @@ class TaskEvents:
         self.call = call  # Supervisor.call: back onto the supervisor thread
         self.decoder = Lane("procpool-decoder")  # unpickles what workers send back: user code
         self.decoding: set[tuple[str, int]] = set()  # attempts that ended, their outcome on the decoder
+        self.scan_wanted = False  # a worker holds a task cancelled meanwhile: scan until it starts it
 
     def close(self) -> None:
         self.decoder.close()
@@ -140,35 +150,86 @@ class TaskEvents:
     # -- messages from workers ---------------------------------------------------
 
     def on_message(self, w: Worker, message: tuple[Any, ...]) -> None:
-        if message[0] == "started":
-            task = self._start(w, message[1], message[2])
-            if w.host is not None:
-                self._answer_started(w, task)
+        if message[0] == "started":  # from a remote slot's link
+            task = self._start(w, message[1], message[2], time.monotonic())
+            self._answer_started(w, task)
         elif message[0] == "done":
+            if (message[1], message[2]) != w.lease and w.host is None:  # its start may not be read yet
+                began = time.monotonic() - message[5]
+                self._start(w, message[1], message[2], began, live=False, lease=w.lease is None)
             self._on_done(w, message)
         elif message[0] == "init_failed":  # at start-up only: rebuilt here, where a death needs it
             w.init_error = rebuild_error(*message[1:])
         else:  # "timedout" or "lost", from a remote slot's link
             self._on_remote_end(w, message)
 
-    def _start(self, w: Worker, task_id: str, attempt: int) -> Task | None:
-        """Mark a task running on ``w``; returns it, or None if that attempt no longer counts."""
-        self.workers.started(w, (task_id, attempt))
+    def _start(
+        self, w: Worker, task_id: str, attempt: int, began: float, live: bool = True, lease: bool = True
+    ) -> Task | None:
+        """Mark a task running on ``w`` since ``began`` (monotonic), unless it is already;
+        returns it, or None if that attempt no longer counts.
+
+        ``live=False``: the attempt is known to have ended (its "done" came, or the worker
+        died), so no deadline is set and a cancelled one needs no kill. ``lease=False``: it
+        is not ``w``'s latest start (its slot already shows the next one).
+        """
+        if lease:
+            self.workers.started(w, (task_id, attempt))
         task = self.tasks.get(task_id)
         if task is not None and task.attempt == attempt and task.status is TaskStatus.CANCELLED:
-            self.kill(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
+            if live:
+                self.kill(w, "cancel", (task_id, attempt))  # cancelled while queued, taken meanwhile
             return None
         stale = task is None or task.attempt != attempt or task.status in TERMINAL
         if stale or w.killed_for == (task_id, attempt):
             return None  # or the attempt its worker is being killed for: fenced out
         assert task is not None
+        if task.status is TaskStatus.RUNNING:
+            return task  # its start was read before (from the slot)
         # A worker being killed for another attempt may still run this one (it was handed it
         # first): it counts, and if the worker dies first, on_death retries it.
-        self.ledger.start(task, w.name)
-        # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
-        margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
-        self.timers.set(("deadline", task_id, attempt), time.monotonic() + task.timeout + margin)
+        now = time.monotonic()
+        began = min(began, now)
+        self.ledger.start(task, w.name, time.time() - (now - began))
+        if live:
+            # A remote agent kills at the deadline itself; the supervisor's own kill is a backstop.
+            margin = 0.0 if w.host is None else self.cfg.kill_grace + DEADLINE_MARGIN
+            self.timers.set(("deadline", task_id, attempt), began + task.timeout + margin)
         return task
+
+    def scan(self) -> bool:
+        """Take the starts local workers wrote in their slots since the last look.
+
+        True while another may come soon: a worker runs a task, or holds one that
+        was cancelled meanwhile.
+        """
+        self.scan_wanted = False
+        busy = False
+        for w in self.workers:
+            if w.host is None and w.state is not WorkerState.GONE:
+                start = self.refresh(w)
+                busy = busy or w.awaited is not None or (start is not None and start.running)
+        return busy
+
+    def refresh(self, w: Worker, dead: bool = False) -> SlotStart | None:
+        """Take a start that ``w`` wrote in its slot if it is new to the supervisor.
+
+        Of a dead worker the last start counts even if it no longer says running: its
+        "done" was not read (it died before sending it, or halfway), so the attempt died
+        with it. Returns what the slot says (None if torn, or ``w`` is remote).
+        """
+        buf = self.ledger.metrics.shm.buf
+        if w.host is not None or buf is None:
+            return None
+        start = read_start(buf, w.slot)
+        if start is None or start.pid != w.pid or not start.attempt:
+            return start  # torn, or written by its forerunner, or no task started yet
+        attempt = (start.task_id, start.attempt)
+        if attempt != w.lease and attempt != w.finished and (start.running or dead):
+            self._start(w, *attempt, start.started, live=not dead)
+        if w.awaited is not None and w.awaited in (w.lease, w.finished):
+            w.awaited = None
+        return start
 
     def _on_done(self, w: Worker, message: tuple[Any, ...]) -> None:
         """An attempt ended in the worker: its outcome is unpickled on the decoder lane.
@@ -178,7 +239,9 @@ class TaskEvents:
         its deadline no longer counting: it has stopped running.
         """
         _, task_id, attempt, ok = message[:4]
-        w.lease = None
+        w.finished = (task_id, attempt)
+        if w.lease == w.finished:  # else its slot already shows the next start
+            w.lease = None
         task = self.tasks.get(task_id)
         stale = task is None or task.attempt != attempt or task.status is not TaskStatus.RUNNING
         if stale or w.killed_for == (task_id, attempt):
@@ -250,6 +313,8 @@ class TaskEvents:
         is retried; one the manager had handed it that it never started goes back in its
         place (once the manager has said which: ``_released``).
         """
+        self.refresh(w, dead=True)
+        w.awaited = None
         lost = 0
         if w.killed_for is not None:
             task = self.tasks.get(w.killed_for[0])
@@ -330,8 +395,14 @@ class TaskEvents:
     def _kill_late_holder(self, task_id: str, attempt: int, where: str | None) -> None:
         """A task cancelled while queued had been taken meanwhile: its worker is killed."""
         w = None if where in (None, "removed") else self.workers.named(where)
-        if w is not None and w.lease == (task_id, attempt):
+        if w is None:
+            return
+        self.refresh(w)  # a start read here is of a cancelled task: _start kills it
+        if w.lease == (task_id, attempt):
             self.kill(w, "cancel", (task_id, attempt))
+        elif w.finished != (task_id, attempt) and w.host is None:
+            w.awaited = (task_id, attempt)  # not started yet: the scan goes on until it is
+            self.scan_wanted = True
 
     def _cancel_found(
         self, task: Task, attempt: int, where: str | None, kill: bool, reply: Future[bool] | None

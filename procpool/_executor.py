@@ -29,6 +29,7 @@ from ._errors import BrokenPoolError, ExecutorShutdownError, TaskCancelledError
 from ._metrics import PENDING, MetricsBlock
 from ._outbox import Outbox
 from ._payload import dump_call, dump_function
+from ._process import current_pid
 from ._remote.api import RemoteWorkers
 from ._snapshot import read_snapshot
 from ._states import TERMINAL, TaskPriority, TaskStatus
@@ -355,6 +356,11 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                     for t, payload in zip(tasks, payloads, strict=True)
                 ]
             )
+            # After the send: the supervisor thread it wakes would hold it up. Its round ends
+            # with the header written, and with the slots scanned for starts from then on
+            # (the tasks were counted before ``scanning`` is read).
+            if self._metrics.publish_soon() or not self._supervisor.scanning:
+                self._supervisor.call(_nothing)
         return tasks
 
     def _count_new(self, tasks: list[Task]) -> None:
@@ -364,8 +370,6 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             counters.states[PENDING] += len(tasks)
             for task in tasks:
                 counters.depth[task.priority] += 1
-        if self._metrics.publish_soon():
-            self._supervisor.call(_nothing)  # its round ends with the header written
 
     # -- results ---------------------------------------------------------------
 
@@ -455,7 +459,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
                     return False  # it ended, and every task with it
 
     def _check_owner(self) -> None:
-        if os.getpid() != self._owner:
+        if current_pid() != self._owner:
             raise ExecutorShutdownError(
                 f"this DistributedExecutor belongs to process {self._owner}; this process is a fork of "
                 f"it and has none of its threads: create a new DistributedExecutor here"

@@ -66,8 +66,8 @@ class Ledger:
         states = self.metrics.counters.states
         return states[metrics.PENDING] + states[metrics.RUNNING]
 
-    def start(self, task: Task, worker: str) -> None:
-        """The task's current attempt has started on ``worker``.
+    def start(self, task: Task, worker: str, at: float) -> None:
+        """The task's current attempt has started on ``worker`` at ``at`` (wall clock).
 
         Its state is RUNNING at once; its record, counters and Future follow at the
         next ``flush``, unless it ends first: a short task that starts and ends in one
@@ -75,7 +75,7 @@ class Ledger:
         """
         task.status = advance(task.status, TaskStatus.RUNNING)
         task.worker = worker
-        task.starting = (worker, time.time())
+        task.starting = (worker, at)
         self._starting.append(task)
 
     def move(self, task: Task, status: TaskStatus, elapsed: float | None = None, **changes: Any) -> None:

@@ -10,8 +10,10 @@ Layout, version 2 (little-endian, all offsets in bytes)::
             seq, name, kind, active, pid, created (monotonic), restarts, lost,
             healthy
       +96   worker section (writer: the worker process in that slot)
-            seq, pid, state, current task id, task started (monotonic),
-            completed, failed, busy seconds, heartbeat (monotonic)
+            seq, pid, state, attempt, task id, task started (monotonic),
+            completed, failed, busy seconds, heartbeat (monotonic); the
+            task fields stay those of its last start once it is idle again
+            (the supervisor learns of starts from them: see ``read_start``)
       +224  memory section (writer: the manager process's sampler)
             seq, pid sampled, USS, PSS, RSS (bytes, over the worker's whole
             process tree), processes, CPU percent, sampled at (monotonic),
@@ -48,9 +50,11 @@ __all__ = (
     "MetricsBlock",
     "MemoryWriter",
     "SlotHealth",
+    "SlotStart",
     "SlotWriter",
     "WorkerState",
     "read_health",
+    "read_start",
 )
 
 MAGIC = b"PROCPOOL"
@@ -58,6 +62,7 @@ VERSION = 2
 NAME_PREFIX = "procpool-"
 HEADER_SIZE = 256
 SLOT_SIZE = 352
+_TASK_ID_MAX = 40  # bytes of a task id a slot holds
 _READ_ATTEMPTS = 1000  # a torn section is re-read this often before giving up on it
 
 _PREAMBLE = struct.Struct("<8sIIqd")  # magic, version, slots, creator pid, created
@@ -65,12 +70,13 @@ _COUNTERS = struct.Struct("<Q7qdq4q")  # seq, 7 counters, exec sum, exec count, 
 _COUNTERS_AT = 32
 _SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqqB7x")  # seq name kind active pid created restarts lost healthy
 _SUPERVISOR_AT = 0
-_WORKER = struct.Struct("<QqB7x40sdqqdd")  # seq pid state task started completed failed busy hb
+_WORKER = struct.Struct("<QqB3xI40sdqqdd")  # seq pid state attempt task started completed failed busy hb
 _WORKER_AT = 96
 # seq pid uss pss rss processes cpu sampled baseline exact, browser: pid uss pss processes
 _MEMORY = struct.Struct("<QqqqqqddqB7xqqqq")
 _MEMORY_AT = 224
-# The three sections of a slot in one unpack, padded to their offsets.
+# The three sections of a slot in one unpack, padded to their offsets (the attempt, 3x I in
+# the worker section, is read only by ``read_start``).
 _SLOT = struct.Struct("<Q32sBBxxxxxxqdqqB7x 8x QqB7x40sdqqdd 24x QqqqqqddqB7xqqqq")
 _SECTIONS = (_SUPERVISOR_AT, _WORKER_AT, _MEMORY_AT)
 _SLOT_PADDED = struct.Struct(_SLOT.format + f"{SLOT_SIZE - _SLOT.size}x")  # for iter_unpack over all slots
@@ -211,19 +217,19 @@ class SlotWriter:
         buf = self._shm.buf
         assert buf is not None
         self._section = _Section(buf, HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT, _WORKER)
-        _, _, _, _, self.completed, self.failed, self.busy, _ = self._section.read_own()
+        _, _, _, _, _, self.completed, self.failed, self.busy, _ = self._section.read_own()
         self.pid = os.getpid()
         self._lock = threading.Lock()
-        self._state = (WorkerState.STARTING, b"", 0.0)  # state, task, task started
+        self._state: tuple[int, int, bytes, float] = (WorkerState.STARTING, 0, b"", 0.0)
         self._closed = False
 
     def idle(self) -> None:
-        """Mark the worker idle and beat its heart."""
-        self._write(WorkerState.IDLE, b"", 0.0)
+        """Mark the worker idle (it has started) and beat its heart."""
+        self._write(WorkerState.IDLE, 0, b"", 0.0)
 
-    def running(self, task_id: str) -> None:
-        """Mark the worker busy with ``task_id``."""
-        self._write(WorkerState.RUNNING, task_id.encode()[:40], time.monotonic())
+    def running(self, task_id: str, attempt: int) -> None:
+        """Mark the worker busy with this attempt: it starts now (the supervisor reads it here)."""
+        self._write(WorkerState.RUNNING, attempt, task_id.encode()[:_TASK_ID_MAX], time.monotonic())
 
     def beat(self) -> bool:
         """Refresh the heartbeat only; False once closed."""
@@ -243,13 +249,21 @@ class SlotWriter:
             else:
                 self.failed += 1
             self.busy += elapsed
-        self.idle()
+        self._write(WorkerState.IDLE, *self._state[1:])  # the start stays readable
 
-    def _write(self, state: int, task: bytes, started: float) -> None:
+    def _write(self, state: int, attempt: int, task: bytes, started: float) -> None:
         with self._lock:
-            self._state = (state, task, started)
+            self._state = (state, attempt, task, started)
             self._section.write(
-                self.pid, state, task, started, self.completed, self.failed, self.busy, time.monotonic()
+                self.pid,
+                state,
+                attempt,
+                task,
+                started,
+                self.completed,
+                self.failed,
+                self.busy,
+                time.monotonic(),
             )
 
     def close(self) -> None:
@@ -268,6 +282,27 @@ class SlotHealth(NamedTuple):
     uss: int  # bytes over the tree
     baseline: int  # bytes, the first sample of memory_pid
     sampled: float  # monotonic; 0.0 if never
+
+
+class SlotStart(NamedTuple):
+    """A slot's last task start, as its worker wrote it before running the task."""
+
+    pid: int  # the worker process that wrote it (0: none yet)
+    running: bool  # still running it (else it has ended, or the worker is idle)
+    attempt: int  # 0: no task started since that process began
+    task_id: str
+    started: float  # monotonic
+
+
+def read_start(buf: memoryview, slot: int) -> SlotStart | None:
+    """The last task start written in ``slot``; None if its writer died mid-write (torn)."""
+    at = HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT
+    data = _consistent_copy(buf, at, _WORKER.size)
+    seq, pid, state, attempt, task, started = _WORKER.unpack(data)[:6]
+    if seq & 1:
+        return None
+    task_id = task.rstrip(b"\0").decode(errors="replace")
+    return SlotStart(pid, state == WorkerState.RUNNING, attempt, task_id, started)
 
 
 def read_health(buf: memoryview, slot: int) -> SlotHealth:

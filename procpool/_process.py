@@ -26,6 +26,7 @@ import psutil
 from ._metrics import active_worker_pids
 
 __all__ = (
+    "current_pid",
     "guard_owner",
     "own",
     "pid_alive",
@@ -124,7 +125,21 @@ def _disown_after_fork() -> None:
     _ours.clear()
 
 
+_pid = os.getpid()  # kept by a fork handler: os.getpid() is a system call, and submit asks every time
+
+
+def current_pid() -> int:
+    """This process's pid (cheaper than ``os.getpid()``)."""
+    return _pid
+
+
+def _new_pid_after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
 if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pid_after_fork)
     os.register_at_fork(after_in_child=_own_fork_server_after_fork)
     os.register_at_fork(after_in_child=_disown_after_fork)
 

@@ -46,7 +46,7 @@ class WorkerState(enum.StrEnum):
 
     ACTIVE = "active"  # takes tasks from the queue
     RETIRING = "retiring"  # takes no more (memory recycling, host removal): ends after its current task
-    # Being killed for a task attempt whose "started" message is not read yet: what it
+    # Being killed for a task attempt whose start is not read yet: what it
     # says before that is about tasks it ran to the end, and still counts.
     DOOMED = "doomed"
     FENCED = "fenced"  # being killed; nothing it says counts any more

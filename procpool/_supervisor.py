@@ -19,7 +19,9 @@ Its parts, each with its own interface, all run on this thread:
 
 The loop waits on result pipes, a pidfd per worker and one for the manager, and
 a wake-up pipe at once (one epoll set), with a timeout equal to the next timer
-(deadline, SIGKILL escalation, respawn or health). A pidfd becomes readable when
+(deadline, SIGKILL escalation, respawn, health, or the scan of the workers' slots
+for task starts: every ``_SCAN_EVERY`` while tasks are unfinished, then stopped
+until a submitter wakes it). A pidfd becomes readable when
 the process itself exits, whatever its descendants still hold open. No user code
 runs here: futures and callbacks have lanes of their own (``_callbacks``).
 
@@ -76,6 +78,8 @@ _MAX_WAIT = 3600.0
 # Initializer failures in a row (no task started meanwhile) that break the pool: a few, so
 # a flaky one gets another chance, and few enough that futures fail within a second.
 _INIT_FAILURES_TO_BREAK = 3
+_SCAN_EVERY = 0.002  # seconds between reads of the slots for starts while tasks are unfinished
+_SCAN_LINGER = 0.05  # seconds the scan goes on once all is quiet (the next task often follows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,10 @@ class Supervisor(threading.Thread):
         self._broken: BrokenPoolError | None = None
         self._manager_gone = False
         self._manager_pidfd = -1
+        # Scanning the slots for starts. A submitter wakes the loop when this is False; it
+        # is set False before the loop looks at the counters a last time (see _scan).
+        self.scanning = False
+        self._quiet_since = 0.0
         self.workers = WorkerSet(cfg, setup.metrics, self._selector, self.timers)
         keep = (cfg.max_finished_tasks, cfg.finished_task_ttl)
         self.ledger = Ledger(setup.metrics, setup.callbacks, setup.tasks, setup.futures_lane, keep)
@@ -191,7 +199,8 @@ class Supervisor(threading.Thread):
             self._owner = None
 
     def _loop(self) -> None:
-        assert self.manager is not None
+        assert self.manager is not None and self.events is not None
+        events = self.events
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._manager_pidfd = os.pidfd_open(self.manager._process.pid)  # type: ignore[attr-defined]
         self._selector.register(self._manager_pidfd, selectors.EVENT_READ, ("manager", None))
@@ -211,7 +220,10 @@ class Supervisor(threading.Thread):
                         self._reap(w)
             while self.commands:
                 self.commands.popleft()()
-            self._fire_timers(time.monotonic())
+            now = time.monotonic()
+            self._fire_timers(now)
+            if not self.scanning and (events.scan_wanted or not self._idle()):
+                self._arm_scan(now)
             self.ledger.flush()
 
     def _idle(self) -> bool:
@@ -230,8 +242,27 @@ class Supervisor(threading.Thread):
                 if slot < self.cfg.max_local_workers or slot in self.remote.hosts:  # not removed meanwhile
                     self._spawn(slot)
             elif kind == "health":
+                self.events.scan()  # a worker's lease is known before it is judged
                 self.health.check(now)
                 self.health.arm(now)
+            elif kind == "scan":
+                self._scan(now)
+
+    def _arm_scan(self, now: float) -> None:
+        self.scanning = True
+        self._quiet_since = now
+        self.timers.set(("scan",), now + _SCAN_EVERY)
+
+    def _scan(self, now: float) -> None:
+        assert self.events is not None
+        if self.events.scan() or not self._idle():
+            self._quiet_since = now
+        if now - self._quiet_since < _SCAN_LINGER:
+            self.timers.set(("scan",), now + _SCAN_EVERY)
+            return
+        self.scanning = False  # first: a submitter that reads it after counted its task before
+        if not self._idle():
+            self._arm_scan(now)
 
     # -- commands from other threads ------------------------------------------
 

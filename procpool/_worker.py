@@ -1,12 +1,13 @@
 """The worker loop, run in each worker process.
 
-    dispatcher (manager) ◀── ready / task ──▶ worker ── started / done ──▶ supervisor (result pipe)
-                                                └── writes its own metrics slot
+    dispatcher (manager) ◀── ready / task ──▶ worker ── done ──▶ supervisor (result pipe)
+                                                └── writes its own metrics slot: starts, heartbeats
 
 The worker holds at most the one task it runs. A heartbeat thread refreshes
-the slot's heartbeat every ``heartbeat_interval``, idle or busy. It reports ``started`` before
-running a task (the supervisor starts the deadline clock then) and ``done``
-with the pickled outcome after. After a task that raised it waits for the
+the slot's heartbeat every ``heartbeat_interval``, idle or busy. It writes each
+start (task, attempt, time) in its slot before running the task: the supervisor
+reads starts there (and starts the deadline clock from that time), so a task
+costs no message but its ``done``, with the pickled outcome. After a task that raised it waits for the
 supervisor's go-ahead, so a retry is queued again before it asks for more.
 It never decides about retries or deadlines: the supervisor does, from outside.
 """
@@ -49,7 +50,7 @@ _loop: asyncio.AbstractEventLoop | None = None
 remote = False  # set in a remote agent's worker child
 
 # Messages on the result pipe (plain tuples: cheapest to pickle).
-Started = tuple[str, str, int]  # ("started", task id, attempt)
+Started = tuple[str, str, int]  # ("started", task id, attempt): from a remote slot's link only
 # ("done", task id, attempt, ok, retryable, elapsed, blob, type name, message, traceback)
 Done = tuple[str, str, int, bool, bool, float, bytes | None, str, str, str]
 
@@ -122,8 +123,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
             break
         assert isinstance(item, tuple)
         task_id, attempt, payload = item
-        spec.conn.send_bytes(pickle.dumps(("started", task_id, attempt), _PROTOCOL))
-        slot.running(task_id)
+        slot.running(task_id, attempt)
         done += 1
         after = _AfterReturn(spec, me, subreaper, line, spec.max_tasks is None or done < spec.max_tasks)
         message = run_task(task_id, attempt, payload, after)

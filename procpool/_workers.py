@@ -57,7 +57,9 @@ class Worker:
     pidfd: int  # readable once the process has exited (os.pidfd_open)
     host: RemoteHost | None = None  # for a remote slot's link process: its host
     state: WorkerState = WorkerState.ACTIVE
-    lease: tuple[str, int] | None = None  # task id and attempt it said it started
+    lease: tuple[str, int] | None = None  # task id and attempt it started (its slot, or "started")
+    finished: tuple[str, int] | None = None  # the attempt whose "done" was read last
+    awaited: tuple[str, int] | None = None  # a cancelled attempt it holds and has not started yet
     kill_reason: str | None = None  # why it is being killed: "timeout", "cancel", "hung" or "memory"
     killed_for: tuple[str, int] | None = None  # the task attempt it is being killed for
     note: str = ""  # for a worker killed as hung or out of memory: what was seen

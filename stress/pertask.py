@@ -32,6 +32,7 @@ from .common import conclude, say, table
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
 SPIN_MS = 1.0
+CPU_TASKS_MIN = 10_000  # CPU times count in 10 ms ticks: a worker needs well over one of them
 EXCESS = "excess per 1 ms task (us)"
 START = "submit -> start, median (us)"
 
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     figures = measure(args.tasks, args.starts, args.rounds)
     say("measuring procpool's CPU per task ...")
-    cpu = cpu_per_task(args.tasks * 5)
+    cpu = cpu_per_task(max(args.tasks * 5, CPU_TASKS_MIN))
     rows = [[name, f[EXCESS], f[START]] for name, f in figures.items()]
     shown = table(["pool", EXCESS, START], rows)
     shown += "\n\nprocpool CPU per no-op task (us)\n" + table(["process", "us"], list(cpu.items()))

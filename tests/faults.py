@@ -36,6 +36,12 @@ def hang() -> None:
         time.sleep(3600)
 
 
+def write_time_then_hang(path: str) -> None:
+    """Write the wall-clock time it began to ``path``, then hang (honours SIGTERM)."""
+    Path(path).write_text(repr(time.time()))
+    hang()
+
+
 def ignore_sigterm_and_hang() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:

@@ -174,7 +174,7 @@ class Link:
         timeout = conn.recv()  # None: the task ended meanwhile (cancelled), skip it
         if timeout is None:
             return True
-        self.slot.running(task_id)
+        self.slot.running(task_id, attempt)
         self.send(("run", task_id, attempt, payload, timeout))
         end = self.events.get()
         if end is _GONE:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faults
@@ -118,3 +120,25 @@ def test_a_worker_killed_from_outside_is_replaced_and_its_task_retried(
     gate.touch()
     assert executor.get_task_result(task_id, timeout=10) == str(gate)
     assert isinstance(executor.get_task(task_id).error, WorkerLostError)
+
+
+def test_a_start_on_a_pool_quiet_for_a_while_is_seen_and_its_deadline_kept(
+    make_executor: Callable[..., DistributedExecutor], tmp_path: Path
+) -> None:
+    # Workers send no "started": the supervisor reads starts from their slots, and stops
+    # looking once the pool has been quiet. With no health checks to wake it, the next
+    # submission must, or a hung task would never reach its deadline.
+    executor = make_executor(heartbeat_timeout=None, memory_sample_interval=None, max_retries=0)
+    assert executor.get_task_result(executor.submit_task(faults.double, (2,)), timeout=10) == 4
+    time.sleep(0.5)  # quiet: the scan has stopped
+    marker = tmp_path / "began"
+    task_id = executor.submit_task(faults.write_time_then_hang, (str(marker),), timeout=3)
+    future = executor.future(task_id)
+    assert wait_until(future.running, 2.5)  # seen running before its deadline
+    record = executor.get_task(task_id)
+    assert wait_until(marker.exists, 10)
+    began = float(marker.read_text())
+    assert record.status is TaskStatus.RUNNING and record.worker is not None
+    assert record.started_at is not None and record.started_at <= began + 0.5  # the worker's own time
+    with pytest.raises(TaskTimeoutError):
+        executor.get_task_result(task_id, timeout=20)

@@ -60,7 +60,7 @@ def test_floor_runs_the_bare_messages_beside_procpool(tmp_path: Path) -> None:
     report = scenario(tmp_path, "floor", "--tasks", "300", "--rounds", "1")
     for how in ("one by one", "batched"):
         figure = report["figures"][how]
-        assert set(figure) == {"floor", "floor without started", "procpool"}
+        assert set(figure) == {"floor", "floor with started", "procpool"}
         assert all(0 < rate < 1e7 for rate in figure.values())
 
 

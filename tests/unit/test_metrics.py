@@ -20,6 +20,7 @@ from procpool._metrics import (
     SlotWriter,
     active_worker_pids,
     attach,
+    read_start,
 )
 from procpool._snapshot import read_snapshot
 
@@ -62,7 +63,7 @@ def test_counters_round_trip(block: MetricsBlock) -> None:
 def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> None:
     block.supervisor_section(1).write(b"local-worker-1", 1, 1, os.getpid(), 1.0, 0, 0, 1)
     writer = SlotWriter(block.name, 1)  # writes as this process, the slot's worker
-    writer.running("task-9")
+    writer.running("task-9", 1)
     assert snapshot(block)["workers"]["local-worker-1"]["current_task"] == "task-9"  # type: ignore[index]
     writer.finished(ok=True, elapsed=0.5)
     writer.close()
@@ -79,7 +80,7 @@ def test_slots_show_only_once_named_and_resume_counts(block: MetricsBlock) -> No
 def test_a_new_process_in_a_slot_shows_starting_until_it_writes(block: MetricsBlock) -> None:
     block.supervisor_section(0).write(b"remote-worker-0", 2, 1, os.getpid(), 1.0, 0, 0, 1)
     writer = SlotWriter(block.name, 0)
-    writer.running("task-1")
+    writer.running("task-1", 1)
     writer.close()
     block.supervisor_section(0).write(
         b"remote-worker-0", 2, 1, os.getpid() + 1, 1.0, 1, 0, 1
@@ -99,6 +100,31 @@ def test_a_section_left_odd_by_a_killed_writer_is_reset_by_the_next(block: Metri
     writer.close()
     assert struct.unpack_from("<Q", buf, at)[0] % 2 == 0
     assert snapshot(block)["workers"]["local-worker-0"]["state"] == "idle"  # type: ignore[index]
+
+
+def test_a_start_stays_readable_after_its_task_until_the_next(block: MetricsBlock) -> None:
+    # The supervisor learns of starts from the slot: a dead worker's last start must
+    # still be there once it no longer says "running".
+    block.supervisor_section(0).write(b"local-worker-0", 1, 1, os.getpid(), 1.0, 0, 0, 1)
+    buf = block.shm.buf
+    assert buf is not None
+    writer = SlotWriter(block.name, 0)
+    writer.idle()
+    assert read_start(buf, 0) == (os.getpid(), False, 0, "", 0.0)
+    before = time.monotonic()
+    writer.running("task-12", 3)
+    start = read_start(buf, 0)
+    assert start is not None and start[:4] == (os.getpid(), True, 3, "task-12")
+    assert before <= start.started <= time.monotonic()
+    writer.finished(ok=True, elapsed=0.1)
+    writer.beat()
+    assert read_start(buf, 0) == start._replace(running=False)
+    assert snapshot(block)["workers"]["local-worker-0"]["current_task"] is None  # type: ignore[index]
+    writer.running("task-13", 1)
+    assert read_start(buf, 0)[:4] == (os.getpid(), True, 1, "task-13")  # type: ignore[index]
+    struct.pack_into("<Q", buf, HEADER_SIZE + 96, 9)  # its writer died mid-write
+    assert read_start(buf, 0) is None  # torn: not taken for a start
+    writer.close()
 
 
 def test_a_block_of_another_version_is_refused(block: MetricsBlock) -> None:
@@ -153,6 +179,6 @@ def test_a_view_read_again_is_fresh_however_it_was_changed(block: MetricsBlock) 
     second = snapshot(block)["workers"]["local-worker-2"]  # type: ignore[index]
     assert (second["completed"], second["state"]) == (0, "idle")
     assert second["heartbeat_age"] > first["heartbeat_age"]  # the same bytes, a later clock
-    writer.running("task-4")
+    writer.running("task-4", 1)
     assert snapshot(block)["workers"]["local-worker-2"]["current_task"] == "task-4"  # type: ignore[index]
     writer.close()
