@@ -19,7 +19,7 @@ from . import _metrics as metrics
 from ._callbacks import Callbacks, Lane
 from ._errors import RemoteTaskError, RemoteTraceback, TaskCancelledError
 from ._states import TERMINAL, TaskStatus, advance
-from ._task import Task, TaskFuture, TaskRecord
+from ._task import Task, TaskFuture, TaskRecord, changed_record
 
 __all__ = ("EVENT_OF", "Ledger", "rebuild_error")
 
@@ -91,7 +91,7 @@ class Ledger:
         if elapsed is not None:
             changes["execution_time"] = elapsed
         old = task.record.status
-        task.record = rec = task.record._replace(status=status, attempts=task.attempt, **changes)
+        task.record = rec = changed_record(task.record, status, task.attempt, changes)
         ob, nb = _BUCKET[old], _BUCKET[status]
         if ob != nb or elapsed is not None or status is TaskStatus.RETRYING:
             counters = self.metrics.counters

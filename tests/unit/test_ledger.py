@@ -12,7 +12,7 @@ from procpool._callbacks import Callbacks, Lane
 from procpool._errors import RemoteTaskError, RemoteTraceback
 from procpool._ledger import Ledger, rebuild_error
 from procpool._metrics import MetricsBlock
-from procpool._task import Task, TaskFuture
+from procpool._task import Task, TaskFuture, TaskRecord, changed_record
 
 
 class NoExecutor:
@@ -128,3 +128,19 @@ def test_a_future_with_done_callbacks_is_settled_off_the_supervisor_thread(ledge
     assert task.future.result(5) == 3
     ledger.futures.close()  # runs what it holds
     assert ran_on == ["test-futures"]  # user code never runs on the supervisor's thread
+
+
+def test_a_record_is_built_and_changed_as_its_named_tuple_would_be() -> None:
+    future = TaskFuture("task-7", EXECUTOR.cancel)
+    task = Task("task-7", TaskPriority.HIGH, 7, "f", b"", 30.0, future, 12.5)
+    made = TaskRecord("task-7", TaskStatus.PENDING, TaskPriority.HIGH, "f", 0, None, submitted_at=12.5)
+    assert task.record == made and type(task.record) is TaskRecord
+    changes: dict[str, Any] = {}
+    for index, name in enumerate(TaskRecord._fields):
+        if name not in ("status", "attempts"):
+            changes[name] = f"value {index}"
+        changed = changed_record(made, TaskStatus.COMPLETED, 2, changes)
+        assert changed == made._replace(status=TaskStatus.COMPLETED, attempts=2, **changes)
+        assert type(changed) is TaskRecord and changed.done
+    with pytest.raises(KeyError):
+        changed_record(made, TaskStatus.FAILED, 1, {"no such field": 1})
