@@ -10,8 +10,8 @@ An attempt counts only while it is the task's current one and its worker is
 not fenced (see ``_supervisor``).
 
 A local worker sends no "started": it writes each start in its slot before
-running the task, and ``scan`` reads the slots every few milliseconds while
-tasks are unfinished. A start not read yet is taken from the "done" that ends
+running the task, and ``scan`` reads the slots every few milliseconds while a
+worker with no known task may be handed a queued one. A start not read yet is taken from the "done" that ends
 it, or from the slot once the worker has died; the deadline counts from the
 time the worker wrote. (A remote slot's link still says "started": its agent
 needs the deadline.)
@@ -200,16 +200,18 @@ class TaskEvents:
     def scan(self) -> bool:
         """Take the starts local workers wrote in their slots since the last look.
 
-        True while another may come soon: a worker runs a task, or holds one that
-        was cancelled meanwhile.
+        True while a start may come that no message will announce: a worker that runs
+        no task known here may be handed a queued one, or holds one cancelled meanwhile.
+        (A worker whose task is known starts its next only after that task's "done".)
         """
         self.scan_wanted = False
-        busy = False
+        free = awaited = False
         for w in self.workers:
             if w.host is None and w.state is not WorkerState.GONE:
-                start = self.refresh(w)
-                busy = busy or w.awaited is not None or (start is not None and start.running)
-        return busy
+                self.refresh(w)
+                free = free or w.lease is None
+                awaited = awaited or w.awaited is not None
+        return awaited or (free and self.ledger.pending() > 0)
 
     def refresh(self, w: Worker, dead: bool = False) -> SlotStart | None:
         """Take a start that ``w`` wrote in its slot if it is new to the supervisor.

@@ -358,7 +358,7 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
             )
             # After the send: the supervisor thread it wakes would hold it up. Its round ends
             # with the header written, and with the slots scanned for starts from then on
-            # (the tasks were counted before ``scanning`` is read).
+            # (the tasks were counted pending before ``scanning`` is read).
             if self._metrics.publish_soon() or not self._supervisor.scanning:
                 self._supervisor.call(_nothing)
         return tasks

@@ -61,6 +61,10 @@ class Ledger:
         self._after: list[tuple[str | None, Any]] = []  # futures to settle and callbacks to queue, in order
         self._starting: list[Task] = []  # started since the last flush
 
+    def pending(self) -> int:
+        """Tasks queued or retrying (handed to a worker whose start is not read yet included)."""
+        return self.metrics.counters.states[metrics.PENDING]
+
     def unfinished(self) -> int:
         """Tasks not yet in a terminal state (queued, retrying or running)."""
         states = self.metrics.counters.states

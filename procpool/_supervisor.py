@@ -20,8 +20,8 @@ Its parts, each with its own interface, all run on this thread:
 The loop waits on result pipes, a pidfd per worker and one for the manager, and
 a wake-up pipe at once (one epoll set), with a timeout equal to the next timer
 (deadline, SIGKILL escalation, respawn, health, or the scan of the workers' slots
-for task starts: every ``_SCAN_EVERY`` while tasks are unfinished, then stopped
-until a submitter wakes it). A pidfd becomes readable when
+for task starts: every ``_SCAN_EVERY`` while a worker with no known task may be
+handed a queued one, then stopped until a "done" or a submitter wakes the loop). A pidfd becomes readable when
 the process itself exits, whatever its descendants still hold open. No user code
 runs here: futures and callbacks have lanes of their own (``_callbacks``).
 
@@ -78,7 +78,7 @@ _MAX_WAIT = 3600.0
 # Initializer failures in a row (no task started meanwhile) that break the pool: a few, so
 # a flaky one gets another chance, and few enough that futures fail within a second.
 _INIT_FAILURES_TO_BREAK = 3
-_SCAN_EVERY = 0.002  # seconds between reads of the slots for starts while tasks are unfinished
+_SCAN_EVERY = 0.002  # seconds between reads of the slots for starts (see TaskEvents.scan)
 _SCAN_LINGER = 0.05  # seconds the scan goes on once all is quiet (the next task often follows)
 
 
@@ -139,7 +139,7 @@ class Supervisor(threading.Thread):
         self._manager_gone = False
         self._manager_pidfd = -1
         # Scanning the slots for starts. A submitter wakes the loop when this is False; it
-        # is set False before the loop looks at the counters a last time (see _scan).
+        # is set False before the loop looks at the pending count a last time (see _scan).
         self.scanning = False
         self._quiet_since = 0.0
         self.workers = WorkerSet(cfg, setup.metrics, self._selector, self.timers)
@@ -222,7 +222,7 @@ class Supervisor(threading.Thread):
                 self.commands.popleft()()
             now = time.monotonic()
             self._fire_timers(now)
-            if not self.scanning and (events.scan_wanted or not self._idle()):
+            if not self.scanning and (events.scan_wanted or self.ledger.pending()):
                 self._arm_scan(now)
             self.ledger.flush()
 
@@ -255,13 +255,13 @@ class Supervisor(threading.Thread):
 
     def _scan(self, now: float) -> None:
         assert self.events is not None
-        if self.events.scan() or not self._idle():
+        if self.events.scan():
             self._quiet_since = now
         if now - self._quiet_since < _SCAN_LINGER:
             self.timers.set(("scan",), now + _SCAN_EVERY)
             return
         self.scanning = False  # first: a submitter that reads it after counted its task before
-        if not self._idle():
+        if self.events.scan():
             self._arm_scan(now)
 
     # -- commands from other threads ------------------------------------------

@@ -142,3 +142,16 @@ def test_a_start_on_a_pool_quiet_for_a_while_is_seen_and_its_deadline_kept(
     assert record.started_at is not None and record.started_at <= began + 0.5  # the worker's own time
     with pytest.raises(TaskTimeoutError):
         executor.get_task_result(task_id, timeout=20)
+
+
+def test_long_tasks_with_nothing_queued_cost_the_supervisor_no_polling(
+    make_executor: Callable[..., DistributedExecutor],
+) -> None:
+    # Once both workers' starts are known, none can start another before its "done":
+    # the supervisor stops reading the slots until something changes.
+    executor = make_executor(heartbeat_timeout=None, memory_sample_interval=None)
+    ids = [executor.submit_task(faults.sleep_then, (1.5, n)) for n in range(2)]
+    assert wait_until(lambda: all(executor.get_task(i).status is TaskStatus.RUNNING for i in ids), 10)
+    assert wait_until(lambda: not executor._supervisor.scanning, 1.0)
+    assert executor.wait_for_tasks(ids, timeout=20) == [0, 1]
+    assert executor.get_task_result(executor.submit_task(faults.double, (4,)), timeout=10) == 8
