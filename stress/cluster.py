@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts", type=int, default=3, help="host processes (default 3)")
     parser.add_argument("--slots", type=int, default=2, help="slots per host (default 2)")
     parser.add_argument("--every", type=float, default=2.0, help="seconds between faults (default 2)")
+    parser.add_argument(
+        "--min-faults", type=int, default=0, help="faults injected at least, past --duration if need be"
+    )
     parser.add_argument("--tasks", type=int, default=2000, help="no-op tasks for the figures (default 2000)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
 
@@ -164,7 +167,7 @@ def storm(
     frozen: list[tuple[float, subprocess.Popen[bytes]]] = []
     end = time.monotonic() + args.duration
     next_fault = time.monotonic() + args.every
-    while time.monotonic() < end:
+    while time.monotonic() < end or sum(faults.values()) < args.min_faults:
         pending = ex.get_stats()["pending_tasks"]
         if pending < BACKLOG:
             priority = rng.choice(list(TaskPriority))
