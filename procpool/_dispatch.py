@@ -35,7 +35,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any, Protocol
 
-from ._inbox import Inbox, framed
+from ._inbox import Inbox, framed, read_frame
 
 __all__ = ("STOP_FRAME", "Dispatcher", "TaskLine", "open_channel")
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STOP_FRAME = b"S"
 READY = b"R"
+_READY_FRAME = framed(READY)
 _HELLO_WORKER = "worker"
 _HELLO_CHANNEL = "channel"
 
@@ -221,18 +222,23 @@ class TaskLine:
 
     def __init__(self, address: Any, authkey: bytes, key: str) -> None:
         self._conn = _connect(address, authkey, _HELLO_WORKER, key)
+        # Past the handshake the socket is read and written directly: a task costs one
+        # read and one write of it, and none of Connection's per-call checks.
+        self._fd = self._conn.fileno()
+        self._pending = bytearray()  # read past a frame (never, as the dispatcher sends)
         self._poll = select.poll()  # made once: Connection.poll builds a selector per call
-        self._poll.register(self._conn.fileno(), select.POLLIN)
+        self._poll.register(self._fd, select.POLLIN)
 
     def ready(self) -> None:
         """Ask for the next task; this ends the lease of the last one."""
-        self._conn.send_bytes(READY)
+        if os.write(self._fd, _READY_FRAME) != len(_READY_FRAME):
+            raise OSError("the dispatcher's line took part of a frame")  # a blocking socket never does
 
     def next(self, timeout: float) -> tuple[str, int, bytes] | str | None:
         """The task sent after ``ready``: (id, attempt, payload), "stop", or None after ``timeout``."""
-        if not self._poll.poll(timeout * 1000):
+        if not self._pending and not self._poll.poll(timeout * 1000):
             return None
-        frame = self._conn.recv_bytes()
+        frame = read_frame(self._fd, self._pending)
         if frame == STOP_FRAME:
             return "stop"
         item: tuple[str, int, bytes] = pickle.loads(frame)

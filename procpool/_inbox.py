@@ -18,11 +18,12 @@ import mmap
 import os
 import struct
 
-__all__ = ("Frame", "Inbox", "framed")
+__all__ = ("Frame", "Inbox", "framed", "read_frame")
 
 Frame = bytearray | mmap.mmap  # a message as it came: small ones in a bytearray, big ones in an mmap
 
 _CHUNK = 1 << 20  # bytes asked of the socket per read
+_FIRST_READ = 1 << 16  # bytes asked by read_frame at first: a task frame is usually far smaller
 _PER_CALL = 8 << 20  # bytes read per call at most, so one huge result cannot hold the loop up
 _BIG = 1 << 20  # frames at least this long get a buffer of their own
 _DONTFORK = getattr(mmap, "MADV_DONTFORK", None)
@@ -35,6 +36,32 @@ def framed(data: bytes) -> bytes:
     if len(data) < 0x7FFFFFFF:
         return _HEADER.pack(len(data)) + data
     return _HEADER.pack(-1) + _HUGE.pack(len(data)) + data
+
+
+def read_frame(fd: int, pending: bytearray) -> bytes:
+    """The next frame from a blocking ``fd``: usually one read, where ``Connection.recv_bytes``
+    makes two. ``pending`` keeps what was read past the frame. Raises EOFError at the end."""
+    while True:
+        have = len(pending)
+        if have >= 4:
+            (size,) = _HEADER.unpack_from(pending)
+            head = 4
+            if size == -1:
+                head = 12
+                size = _HUGE.unpack_from(pending, 4)[0] if have >= head else 1 << 62
+            if have - head >= size:
+                frame = bytes(memoryview(pending)[head : head + size])
+                del pending[: head + size]
+                return frame
+            want = min(max(head + size - have, _FIRST_READ), _PER_CALL)
+        else:
+            want = _FIRST_READ
+        data = os.read(fd, want)
+        if not data:
+            raise EOFError("the line was closed")
+        if not pending and len(data) >= 4 and _HEADER.unpack_from(data)[0] == len(data) - 4:
+            return data[4:]  # the usual case: one read, one whole frame
+        pending += data
 
 
 class Inbox:
