@@ -275,12 +275,13 @@ def test_a_busy_sync_user_is_neither_idle_closed_nor_evicted(make_pool: MakePool
 
     def use() -> None:  # a user thread, busy all along, however slow the launches beside it
         while not stop.wait(0.25):
+            began = time.monotonic()  # the use counts from its call: a launch may hold its end up
             try:
                 pool.run(page.evaluate("1 + 1"))
             except Exception as exc:  # noqa: BLE001 - reported by the test thread
                 errors.append(exc)
                 return
-            uses.append(time.monotonic())
+            uses.append(began)
 
     user = threading.Thread(target=use)
     user.start()
