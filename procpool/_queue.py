@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import heapq
 import mmap
+import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -239,6 +241,8 @@ def init_manager(
     """Initializer run in the manager process before it serves."""
     global _companions, _dispatcher
     owner_alive = guard_owner(signal.SIGTERM, parent_pid)
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    inherited = config.get("tempdir")  # a forked caller's folder, which may hold others' sockets
     if companion is not None:
         _companions = Companions(cloudpickle.loads(companion))
     _dispatcher = Dispatcher(_shared_queue(), authkey)
@@ -254,6 +258,11 @@ def init_manager(
         kill_worker_groups(shm_name)
         if _companions is not None:
             _companions.kill_all()
+        # os._exit skips multiprocessing's exit hooks: the folder of this process's listening
+        # sockets goes here, if this process made it.
+        tempdir = config.get("tempdir")
+        if tempdir and tempdir != inherited:
+            shutil.rmtree(tempdir, ignore_errors=True)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_parent_death)

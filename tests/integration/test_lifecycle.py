@@ -82,7 +82,8 @@ if __name__ == "__main__":
       time.sleep(0.01)
   stats = ex.get_stats()
   pids = [w["pid"] for w in stats["workers"].values()] + [ex._supervisor.manager._process.pid]
-  print(json.dumps({{"pids": pids, "block": ex.metrics_block}}), flush=True)
+  address = ex._supervisor.dispatch_address  # a socket in the manager's own folder
+  print(json.dumps({{"pids": pids, "block": ex.metrics_block, "socket": address}}), flush=True)
   time.sleep(3600)
 """
 
@@ -104,6 +105,8 @@ def test_nothing_outlives_a_caller_killed_with_sigkill(tmp_path: Path, method: s
         ]
         block = Path("/dev/shm") / info["block"]
         assert wait_until(lambda: not block.exists(), 10), "the metrics block outlived its owner"
+        sockets = Path(info["socket"]).parent
+        assert wait_until(lambda: not sockets.exists(), 10), "the manager's sockets outlived it"
     finally:
         end_process(caller)
 
