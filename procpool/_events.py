@@ -11,9 +11,9 @@ not fenced (see ``_supervisor``).
 
 A local worker sends no "started": it writes each start in its slot before
 running the task, and ``scan`` reads the slots every few milliseconds while a
-worker with no known task may be handed a queued one. A start not read yet is taken from the "done" that ends
-it, or from the slot once the worker has died; the deadline counts from the
-time the worker wrote. (A remote slot's link still says "started": its agent
+worker with no known task may be handed a queued one. A start not read yet is
+taken from the "done" that ends it, or from the slot once the worker has died;
+the deadline counts from the time the worker wrote. (A remote slot's link still says "started": its agent
 needs the deadline.)
 """
 

@@ -38,24 +38,31 @@ def framed(data: bytes) -> bytes:
     return _HEADER.pack(-1) + _HUGE.pack(len(data)) + data
 
 
+def _header(buf: bytes | bytearray, start: int) -> tuple[int, int] | None:
+    """(header length, body length) of the frame at ``start``; None while its header is incomplete."""
+    if len(buf) - start < 4:
+        return None
+    (size,) = _HEADER.unpack_from(buf, start)
+    if size != -1:
+        return 4, size
+    if len(buf) - start < 12:
+        return None
+    return 12, _HUGE.unpack_from(buf, start + 4)[0]
+
+
 def read_frame(fd: int, pending: bytearray) -> bytes:
     """The next frame from a blocking ``fd``: usually one read, where ``Connection.recv_bytes``
     makes two. ``pending`` keeps what was read past the frame. Raises EOFError at the end."""
     while True:
-        have = len(pending)
-        if have >= 4:
-            (size,) = _HEADER.unpack_from(pending)
-            head = 4
-            if size == -1:
-                head = 12
-                size = _HUGE.unpack_from(pending, 4)[0] if have >= head else 1 << 62
-            if have - head >= size:
+        want = _FIRST_READ
+        header = _header(pending, 0)
+        if header is not None:
+            head, size = header
+            if len(pending) - head >= size:
                 frame = bytes(memoryview(pending)[head : head + size])
                 del pending[: head + size]
                 return frame
-            want = min(max(head + size - have, _FIRST_READ), _PER_CALL)
-        else:
-            want = _FIRST_READ
+            want = min(max(head + size - len(pending), _FIRST_READ), _PER_CALL)
         data = os.read(fd, want)
         if not data:
             raise EOFError("the line was closed")
@@ -124,14 +131,8 @@ class Inbox:
         """Move each complete frame out of the buffer; start a big one if its length says so."""
         buf = self._buf
         start = 0
-        while len(buf) - start >= 4:
-            (size,) = _HEADER.unpack_from(buf, start)
-            head = 4
-            if size == -1:
-                if len(buf) - start < 12:
-                    break
-                (size,) = _HUGE.unpack_from(buf, start + 4)
-                head = 12
+        while (header := _header(buf, start)) is not None:
+            head, size = header
             body = start + head
             if len(buf) - body >= size:
                 frames.append(buf[body : body + size])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def test_a_start_on_a_pool_quiet_for_a_while_is_seen_and_its_deadline_kept(
     # submission must, or a hung task would never reach its deadline.
     executor = make_executor(heartbeat_timeout=None, memory_sample_interval=None, max_retries=0)
     assert executor.get_task_result(executor.submit_task(faults.double, (2,)), timeout=10) == 4
-    time.sleep(0.5)  # quiet: the scan has stopped
+    assert wait_until(lambda: not executor._supervisor.scanning, 5)  # quiet: the scan has stopped
     marker = tmp_path / "began"
     task_id = executor.submit_task(faults.write_time_then_hang, (str(marker),), timeout=3)
     future = executor.future(task_id)
