@@ -280,11 +280,14 @@ class DistributedExecutor(RemoteWorkers, concurrent.futures.Executor):
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, not {chunksize!r}")
         end = None if timeout is None else time.monotonic() + timeout
-        calls = list(zip(*iterables))  # noqa: B905 - map stops at the shortest, as the builtin does
+        # One iterable travels as its items, not as 1-tuples: a chunk pickles in a third of the time.
+        one = len(iterables) == 1
+        calls = list(iterables[0]) if one else list(zip(*iterables))  # noqa: B905 - as the builtin map
         if chunksize == 1:
-            items = [(fn, args, None) for args in calls]
+            items = [(fn, (call,) if one else call, None) for call in calls]
         else:
-            runner = functools.partial(_run_chunk, fn)  # one object: pickled once for every chunk
+            # One object, pickled once for every chunk.
+            runner = functools.partial(_run_chunk if one else _run_chunk_star, fn)
             items = [(runner, (calls[i : i + chunksize],), None) for i in range(0, len(calls), chunksize)]
         tasks = self._submit_many(items, TaskPriority.NORMAL, None, "map item ", futures_api=True)
         futures: list[concurrent.futures.Future[Any]] = [task.future for task in tasks]
@@ -666,8 +669,12 @@ def _pickle_initializer(fn: object, initargs: object) -> bytes | None:
         raise TypeError(f"cannot pickle the initializer {_name(fn)}: {exc}") from exc
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    return [fn(*args) for args in chunk]
+def _run_chunk(fn: Callable[..., Any], chunk: list[Any]) -> list[Any]:
+    return list(map(fn, chunk))
+
+
+def _run_chunk_star(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return list(itertools.starmap(fn, chunk))
 
 
 def _results_in_order(futures: list[concurrent.futures.Future[Any]], end: float | None) -> Iterator[Any]:

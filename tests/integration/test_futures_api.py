@@ -57,6 +57,18 @@ def test_map_ships_chunks_and_keeps_order(make_executor: Callable[..., Distribut
         executor.map(faults.double, range(3), chunksize=0)
 
 
+def test_chunked_map_calls_as_the_builtin_map_does(make_executor: Callable[..., DistributedExecutor]) -> None:
+    executor = make_executor()
+    pairs = [(1, 2), (3,), (), (4, 5, 6), (7,)]
+    # One iterable of tuples: each tuple is one argument, never spread.
+    assert list(executor.map(len, pairs, chunksize=2)) == list(map(len, pairs))
+    # Several iterables, one shorter (and one a generator): calls stop at the shortest.
+    tens = (10 * i for i in range(1, 9))
+    got = list(executor.map(divmod, tens, [3, 4, 6, 7, 9, 11, 13], chunksize=3))
+    assert got == list(map(divmod, (10 * i for i in range(1, 9)), [3, 4, 6, 7, 9, 11, 13]))
+    assert list(executor.map(divmod, [], [1], chunksize=4)) == []
+
+
 def test_map_raises_the_first_error_in_order_and_times_out(
     make_executor: Callable[..., DistributedExecutor],
 ) -> None:
