@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .plot import plot_ratios
 WORKERS = 2
 FORK = multiprocessing.get_context("fork")
 HANG_TIMEOUT = 0.2  # seconds; the deadline given to tasks that never end
+RATE_RUNS = 3  # runs per throughput figure, the median kept
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,9 +191,13 @@ def _optional_peers(n: int, batched: bool) -> dict[str, Any]:
 
 
 def _rate(n: int, fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - start)
+    """Calls per second, the median of a few runs (one run of a fast pool lasts milliseconds)."""
+    times = []
+    for _ in range(RATE_RUNS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times)
 
 
 # -- deadlines -----------------------------------------------------------------
