@@ -26,7 +26,7 @@ import psutil
 from ._companions import Companions
 from ._metrics import MemoryWriter
 
-__all__ = ("Sampler", "TreeMemory", "TreeSampler")
+__all__ = ("Sampler", "TreeMemory", "TreeSampler", "own_uss")
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,20 @@ class TreeSampler:
         self._seen = set()
 
 
+def own_uss() -> int:
+    """USS of this process and its descendants, in bytes; 0 if any of it cannot be read.
+
+    A worker measures itself once, before its first task: that is its fresh size,
+    the baseline of its memory limit (a first sample by the manager may come while
+    the first task already holds much memory).
+    """
+    try:
+        me = psutil.Process()
+        return sum(proc.memory_full_info().uss for proc in [me, *me.children(recursive=True)])
+    except psutil.Error:  # a child that ended meanwhile, or smaps not readable: the manager decides
+        return 0
+
+
 class Sampler(threading.Thread):
     """Samples every active worker's tree each ``interval`` seconds into the block."""
 
@@ -108,7 +122,7 @@ class Sampler(threading.Thread):
         self._writer = MemoryWriter(shm_name)
         self._interval = interval
         self._trees = TreeSampler()
-        self._baselines: dict[int, int] = {}  # worker pid -> USS of its first sample after start-up
+        self._baselines: dict[int, int] = {}  # worker pid -> its fresh USS (own_uss), else its first sample
         self._stop = threading.Event()
 
     def run(self) -> None:
@@ -125,12 +139,12 @@ class Sampler(threading.Thread):
         live = set()
         self._trees.scan()
         companions = self._companions.pids() if self._companions is not None else {}
-        for slot, pid, started in self._writer.targets():
+        for slot, pid, started, fresh in self._writer.targets():
             tree = self._trees.sample(pid)
             if tree is None:
                 continue
             live.add(pid)
-            baseline = self._baselines.setdefault(pid, tree.uss) if started else 0
+            baseline = self._baselines.setdefault(pid, fresh or tree.uss) if started else 0
             other = companions.get(slot, 0)
             extra = self._trees.sample(other) if other else None
             self._writer.write(

@@ -11,9 +11,11 @@ Layout, version 2 (little-endian, all offsets in bytes)::
             healthy
       +96   worker section (writer: the worker process in that slot)
             seq, pid, state, attempt, task id, task started (monotonic),
-            completed, failed, busy seconds, heartbeat (monotonic); the
-            task fields stay those of its last start once it is idle again
-            (the supervisor learns of starts from them: see ``read_start``)
+            completed, failed, busy seconds, heartbeat (monotonic), fresh
+            USS (its tree's, measured before its first task when a memory
+            limit is set; 0: not measured); the task fields stay those of
+            its last start once it is idle again (the supervisor learns of
+            starts from them: see ``read_start``)
       +224  memory section (writer: the manager process's sampler)
             seq, pid sampled, USS, PSS, RSS (bytes, over the worker's whole
             process tree), processes, CPU percent, sampled at (monotonic),
@@ -70,13 +72,14 @@ _COUNTERS = struct.Struct("<Q7qdq4q")  # seq, 7 counters, exec sum, exec count, 
 _COUNTERS_AT = 32
 _SUPERVISOR = struct.Struct("<Q32sBBxxxxxxqdqqB7x")  # seq name kind active pid created restarts lost healthy
 _SUPERVISOR_AT = 0
-_WORKER = struct.Struct("<QqB3xI40sdqqdd")  # seq pid state attempt task started completed failed busy hb
+# seq pid state attempt task started completed failed busy heartbeat fresh
+_WORKER = struct.Struct("<QqB3xI40sdqqddq")
 _WORKER_AT = 96
 # seq pid uss pss rss processes cpu sampled baseline exact, browser: pid uss pss processes
 _MEMORY = struct.Struct("<QqqqqqddqB7xqqqq")
 _MEMORY_AT = 224
 # The three sections of a slot in one unpack, padded to their offsets (the attempt, 3x I in
-# the worker section, is read only by ``read_start``).
+# the worker section, is read only by ``read_start``; its fresh USS, the q in 24x, by ``targets``).
 _SLOT = struct.Struct("<Q32sBBxxxxxxqdqqB7x 8x QqB7x40sdqqdd 24x QqqqqqddqB7xqqqq")
 _SECTIONS = (_SUPERVISOR_AT, _WORKER_AT, _MEMORY_AT)
 _SLOT_PADDED = struct.Struct(_SLOT.format + f"{SLOT_SIZE - _SLOT.size}x")  # for iter_unpack over all slots
@@ -217,14 +220,16 @@ class SlotWriter:
         buf = self._shm.buf
         assert buf is not None
         self._section = _Section(buf, HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT, _WORKER)
-        _, _, _, _, _, self.completed, self.failed, self.busy, _ = self._section.read_own()
+        _, _, _, _, _, self.completed, self.failed, self.busy, _, _ = self._section.read_own()
         self.pid = os.getpid()
+        self.fresh = 0  # bytes: see ``idle``
         self._lock = threading.Lock()
         self._state: tuple[int, int, bytes, float] = (WorkerState.STARTING, 0, b"", 0.0)
         self._closed = False
 
-    def idle(self) -> None:
-        """Mark the worker idle (it has started) and beat its heart."""
+    def idle(self, fresh: int = 0) -> None:
+        """Mark the worker idle (it has started) and beat its heart; ``fresh``: its tree's USS now."""
+        self.fresh = fresh
         self._write(WorkerState.IDLE, 0, b"", 0.0)
 
     def running(self, task_id: str, attempt: int) -> None:
@@ -237,7 +242,7 @@ class SlotWriter:
             if self._closed:
                 return False
             self._section.write(
-                self.pid, *self._state, self.completed, self.failed, self.busy, time.monotonic()
+                self.pid, *self._state, self.completed, self.failed, self.busy, time.monotonic(), self.fresh
             )
             return True
 
@@ -264,6 +269,7 @@ class SlotWriter:
                 self.failed,
                 self.busy,
                 time.monotonic(),
+                self.fresh,
             )
 
     def close(self) -> None:
@@ -324,16 +330,21 @@ class MemoryWriter:
             _Section(buf, HEADER_SIZE + i * SLOT_SIZE + _MEMORY_AT, _MEMORY) for i in range(self.slots)
         ]
 
-    def targets(self) -> list[tuple[int, int, bool]]:
-        """(slot, pid, started) for each active local slot; started once the worker wrote its section.
+    def targets(self) -> list[tuple[int, int, bool, int]]:
+        """(slot, pid, started, fresh USS) for each active local slot; started once the worker
+        wrote its section (fresh: 0 if it did not measure itself).
 
         A remote slot's figures come from its host, written by its link process.
         """
         out = []
         for slot in range(self.slots):
-            f = _fresh_slot(self._buf, HEADER_SIZE + slot * SLOT_SIZE)
+            base = HEADER_SIZE + slot * SLOT_SIZE
+            f = _fresh_slot(self._buf, base)
             if f[2] == 1 and f[3] and f[4] > 0:
-                out.append((slot, f[4], f[10] == f[4] and f[11] != WorkerState.STARTING))
+                started = f[10] == f[4] and f[11] != WorkerState.STARTING
+                worker = _WORKER.unpack(_consistent_copy(self._buf, base + _WORKER_AT, _WORKER.size))
+                fresh = worker[-1] if started and worker[1] == f[4] else 0
+                out.append((slot, f[4], started, fresh))
         return out
 
     def write(self, slot: int, *values: Any) -> None:

@@ -317,7 +317,7 @@ class Supervisor(threading.Thread):
                 key, slot, self.manager.address, self.dispatch_address, setup.authkey, writer,
                 setup.metrics.name, self.cfg.max_tasks_per_worker, os.getpid(),
                 heartbeat_interval(self.cfg.heartbeat_timeout), setup.initializer, setup.initargs,
-                setup.warm_up, cgroup, setup.after_task,
+                setup.warm_up, cgroup, setup.after_task, self.cfg.max_worker_memory_mb is not None,
             )  # fmt: skip
             process = ctx.Process(target=run_worker, args=(spec,), name=name)
         else:

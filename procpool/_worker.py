@@ -33,6 +33,7 @@ import cloudpickle
 from . import _containment as containment
 from ._dispatch import TaskLine
 from ._errors import RemoteTaskError
+from ._memory import own_uss
 from ._metrics import SlotWriter
 from ._payload import dumps, load_call
 from ._process import current_pid, guard_owner
@@ -74,6 +75,7 @@ class WorkerSpec:
     warm_up: bytes | None  # the companion's preparation in each worker (connect to it), best effort
     cgroup: str | None = None  # the cgroup it moves into at once (else it becomes a subreaper)
     after_task: bytes | None = None  # the companion's tidying after each task (close its pages), best effort
+    fresh_size: bool = False  # measure its own memory before its first task (a memory limit is set)
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -111,7 +113,7 @@ def serve(spec: WorkerSpec, slot: SlotWriter, subreaper: bool = False) -> None:
     ).start()
     if spec.warm_up is not None:
         _companion_hook(spec.warm_up, "warm-up")
-    slot.idle()  # started: from here the manager's memory baseline counts
+    slot.idle(own_uss() if spec.fresh_size else 0)  # started; its size before any task
     me = current_pid()
     done = 0
     line.ready()

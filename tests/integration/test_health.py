@@ -89,14 +89,13 @@ def test_a_worker_that_starts_over_the_limit_is_not_recycled_in_a_loop(
 def test_the_hard_limit_kills_the_task_that_passes_it(
     make_executor: Callable[..., DistributedExecutor],
 ) -> None:
+    # Samples a second apart: the worker's first one comes while its first task already holds
+    # 200 MB. Its limit still counts from its size before that task (it measures itself).
     executor = make_executor(
-        max_local_workers=1, memory_sample_interval=SAMPLE, max_worker_memory_mb=100, hard_memory_limit=True
+        max_local_workers=1, memory_sample_interval=1.0, max_worker_memory_mb=100, hard_memory_limit=True
     )
-    # Sampled idle first: a worker's first sample is its fresh size, the baseline of its limit.
-    # (A first sample taken while its first task already holds 200 MB would be the baseline
-    # instead, and the limit twice that: a known gap, in CHANGELOG.)
-    assert wait_until(lambda: only_worker(executor)["memory_mb"] is not None, 10)
     task_id = executor.submit_task(faults.hold_memory, args=(200, 30))
+    assert wait_until(lambda: executor.get_task(task_id).status is not TaskStatus.PENDING, 10)
     with pytest.raises(WorkerMemoryError, match="max_worker_memory_mb=100"):
         executor.get_task_result(task_id, timeout=20)
     record = executor.get_task(task_id)
