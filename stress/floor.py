@@ -10,18 +10,27 @@ no records, futures, deadlines, counters or fencing. Run beside procpool in
 one run, the ratio says how much of procpool's cost is its bookkeeping and
 how much the round trips themselves. The "with started" column adds the
 message a worker sent before each task until starts were read from its slot.
+``multiprocessing.Pool`` runs beside them (``map(chunksize=1)`` for a batch):
+its workers read tasks from one pipe filled ahead of them.
+
+A second table times submit -> start on an idle pool: the floor through its
+dispatcher process, the floor with the caller writing straight to a worker
+(what one process fewer on the path would give), procpool and
+``multiprocessing.Pool``.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import multiprocessing
 import os
 import pickle
 import select
 import selectors
 import signal
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +39,7 @@ from typing import Any
 from procpool import DistributedExecutor
 from procpool._inbox import Inbox, framed
 
-from . import tasks
+from . import pertask, tasks
 from .common import conclude, say, table
 
 WORKERS = 2
@@ -40,6 +49,7 @@ READY = b"R"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=int, default=20_000, help="no-op tasks per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per figure (the best is kept)")
+    parser.add_argument("--starts", type=int, default=1000, help="samples per submit -> start figure")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +63,34 @@ def run(args: argparse.Namespace) -> int:
             "floor": _best(rounds, lambda b=batched: floor(n, b, started=False)),
             "floor with started": _best(rounds, lambda b=batched: floor(n, b, started=True)),
             "procpool": _best(rounds, lambda b=batched: procpool_rate(n, b)),
+            "multiprocessing.Pool": _best(rounds, lambda b=batched: pool_rate(n, b)),
         }
         figures[how] = figure
         ratio = f"{figure['procpool'] / figure['floor']:.2f}x"
         rows.append([how, *(round(v) for v in figure.values()), ratio])
-    shown = table(["tasks/s", "floor", "floor with started", "procpool", "procpool / floor"], rows)
+    header = [
+        "tasks/s",
+        "floor",
+        "floor with started",
+        "procpool",
+        "multiprocessing.Pool",
+        "procpool / floor",
+    ]
+    shown = table(header, rows)
+    say("measuring submit -> start ...")
+    starts = {
+        "floor": start_floor(args.starts, direct=False),
+        "floor, straight to a worker": start_floor(args.starts, direct=True),
+    }
+    for name in ("procpool", "multiprocessing.Pool"):
+        with pertask.POOLS[name]() as submit:
+            starts[name] = pertask.start_us(submit, args.starts)
+    figures[START] = starts
+    shown += "\n\n" + table([START, *starts], [["median", *(round(v) for v in starts.values())]])
     return conclude("floor", figures, shown)
+
+
+START = "submit -> start, idle pool (us)"
 
 
 def _best(rounds: int, measure: Callable[[], float]) -> float:  # the least disturbed run
@@ -75,6 +107,75 @@ def procpool_rate(n: int, batched: bool) -> float:
             ids = [ex.submit_task(tasks.noop) for _ in range(n)]
         ex.wait_for_tasks(ids, timeout=600)
         return n / (time.perf_counter() - start)
+
+
+def pool_rate(n: int, batched: bool) -> float:
+    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+        pool.map(tasks.noop_arg, range(100))
+        start = time.perf_counter()
+        if batched:
+            pool.map(tasks.noop_arg, range(n), chunksize=1)
+        else:
+            for result in [pool.apply_async(tasks.noop) for _ in range(n)]:
+                result.get()
+        return n / (time.perf_counter() - start)
+
+
+def start_floor(samples: int, direct: bool) -> float:
+    """Median microseconds from a submission to its task's start, through the bare floor.
+
+    ``direct``: no dispatcher; the caller hands the task to an idle worker itself.
+    """
+    channel = socket.socketpair()
+    lines = [socket.socketpair() for _ in range(WORKERS)]
+    results = [socket.socketpair() for _ in range(WORKERS)]
+    pids = [] if direct else [_fork(_dispatch, channel[1].fileno(), [line[1].fileno() for line in lines])]
+    for line, result in zip(lines, results, strict=True):
+        pids.append(_fork(_work, line[0].fileno(), result[0].fileno(), False))
+    try:
+        replies = {result[1].fileno(): Inbox(result[1].fileno()) for result in results}
+        # direct: by each worker's result fd, its line (the caller reads its "ready" there)
+        asks = {res[1].fileno(): line[1].fileno() for line, res in zip(lines, results, strict=True)}
+        asks = asks if direct else {}
+        inboxes = {fd: {line: Inbox(line)} for fd, line in asks.items()}
+        for inbox in inboxes.values():
+            _next_reply(inbox)  # each worker's first "ready"
+        idle = list(asks)
+        payload = pickle.dumps(tasks.started_at)
+        times = []
+        for i in range(samples):
+            time.sleep(0.002)  # idle again: both workers wait for work
+            before = time.monotonic()
+            if direct:
+                _write_all(asks[idle[0]], framed(pickle.dumps((f"task-{i}", payload))))
+            else:
+                _write_all(channel[0].fileno(), framed(pickle.dumps([(2, i, f"task-{i}", payload)])))
+            fd, message = _next_reply(replies)
+            times.append(pickle.loads(pickle.loads(message)[3]) - before)
+            if direct:
+                _next_reply(inboxes[fd])  # its "ready" came before its "done"
+        return statistics.median(times) * 1e6
+    finally:
+        _end(pids, [channel, *lines, *results])
+
+
+def _next_reply(inboxes: dict[int, Inbox]) -> tuple[int, Any]:
+    """The first frame to arrive on any of ``inboxes`` (one frame at a time arrives here)."""
+    while True:
+        for fd, inbox in inboxes.items():
+            frames = inbox.read()
+            if frames:
+                return fd, frames[0]
+        select.select(list(inboxes), [], [])
+
+
+def _end(pids: list[int], pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    for pair in pairs:
+        for end in pair:
+            end.close()
 
 
 def floor(n: int, batched: bool, started: bool) -> float:
@@ -102,12 +203,7 @@ def floor(n: int, batched: bool, started: bool) -> float:
         reader.join()
         return n / elapsed
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        for pair in [channel, *lines, *results]:
-            for end in pair:
-                end.close()
+        _end(pids, [channel, *lines, *results])
 
 
 def _fork(body: Callable[..., None], *args: Any) -> int:

@@ -57,11 +57,14 @@ def test_pertask_measures_every_pool_and_procpools_cpu(tmp_path: Path) -> None:
 
 
 def test_floor_runs_the_bare_messages_beside_procpool(tmp_path: Path) -> None:
-    report = scenario(tmp_path, "floor", "--tasks", "300", "--rounds", "1")
+    report = scenario(tmp_path, "floor", "--tasks", "300", "--rounds", "1", "--starts", "20")
     for how in ("one by one", "batched"):
         figure = report["figures"][how]
-        assert set(figure) == {"floor", "floor with started", "procpool"}
+        assert set(figure) == {"floor", "floor with started", "procpool", "multiprocessing.Pool"}
         assert all(0 < rate < 1e7 for rate in figure.values())
+    starts = report["figures"]["submit -> start, idle pool (us)"]
+    assert set(starts) == {"floor", "floor, straight to a worker", "procpool", "multiprocessing.Pool"}
+    assert all(0 < us < 1e6 for us in starts.values())
 
 
 def test_overhead_reports_its_figures(tmp_path: Path) -> None:
