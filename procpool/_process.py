@@ -1,4 +1,4 @@
-"""Process edges: the parent-death guard, and the manager's last sweep of worker groups.
+"""Process edges: the parent-death guard, and the sweeps after a process is gone (worker groups, sockets).
 
 Signalling a worker and everything it started is ``_containment``'s (cgroups,
 or a subreaper's tree); what is here is what runs before a worker serves
@@ -31,6 +31,7 @@ __all__ = (
     "own",
     "pid_alive",
     "kill_worker_groups",
+    "remove_sockets",
     "set_parent_death_signal",
     "signal_group",
 )
@@ -179,3 +180,19 @@ def kill_worker_groups(shm_name: str) -> None:
         return
     for pid in pids:
         signal_group(pid, signal.SIGKILL)
+
+
+def remove_sockets(addresses: Iterable[str]) -> None:
+    """Remove the listening sockets of a process that was killed outright, and their folder.
+
+    Its own ``/tmp/pymp-*`` folder goes once empty; never this process's folder, which a
+    forked child shares (and multiprocessing here still uses).
+    """
+    own_folder = mp_process.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
+    for address in addresses:
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+        folder = os.path.dirname(address)
+        if folder != own_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty

@@ -56,7 +56,7 @@ from ._manager_link import ManagerLink
 from ._metrics import MetricsBlock
 from ._outbox import Outbox
 from ._payload import loads_gently
-from ._process import own
+from ._process import own, remove_sockets
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.slots import RemoteSlots, backoff
@@ -425,6 +425,8 @@ class Supervisor(threading.Thread):
         proc.join(0)
         self._manager_gone = True
         log.error("procpool manager process (pid %s) %s", proc.pid, describe_exit(proc.exitcode))
+        if proc.exitcode is not None and proc.exitcode < 0:  # killed: its exit hooks did not run
+            remove_sockets(a for a in (self.manager.address, self.dispatch_address) if isinstance(a, str))
         self._fail_all(
             BrokenPoolError(
                 f"the procpool manager process (pid {proc.pid}) {describe_exit(proc.exitcode)}; "

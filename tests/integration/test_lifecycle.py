@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import stat
@@ -62,12 +63,18 @@ def test_a_dead_manager_fails_waiting_calls_promptly(executor: DistributedExecut
     task_id = executor.submit_task(faults.wait_for_file, (str(tmp_path / "never"),))
     assert wait_until(lambda: executor.get_task(task_id).status is TaskStatus.RUNNING, 10)
     manager = executor._supervisor.manager._process  # type: ignore[union-attr]
+    supervisor = executor._supervisor
+    sockets = [Path(supervisor.dispatch_address), Path(supervisor.manager.address)]  # type: ignore[union-attr]
     os.kill(manager.pid, signal.SIGKILL)
     with pytest.raises(BrokenPoolError, match="manager process"):
         executor.get_task_result(task_id, timeout=10)
     with pytest.raises(BrokenPoolError):
         executor.submit_task(faults.double, (1,))
     assert executor.get_task(task_id).status is TaskStatus.FAILED
+    assert not any(path.exists() for path in sockets), "a killed manager's sockets stayed behind"
+    # Their folder too, unless it is this process's, which a forked manager shares.
+    folder = sockets[0].parent
+    assert not folder.exists() or str(folder) == multiprocessing.current_process()._config.get("tempdir")
 
 
 CALLER = """
