@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterable
 from multiprocessing import forkserver
 from multiprocessing import process as mp_process
+from multiprocessing import util as mp_util
 from typing import Any
 
 import psutil
@@ -29,6 +30,8 @@ __all__ = (
     "current_pid",
     "guard_owner",
     "own",
+    "own_temp_dir",
+    "process_ended",
     "pid_alive",
     "kill_worker_groups",
     "remove_sockets",
@@ -143,6 +146,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_pid_after_fork)
     os.register_at_fork(after_in_child=_own_fork_server_after_fork)
     os.register_at_fork(after_in_child=_disown_after_fork)
+
+
+def process_ended(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie its parent has not reaped yet counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def own_temp_dir() -> str | None:
+    """This process's multiprocessing folder (``/tmp/pymp-*``) if this process made it, else None.
+
+    A forked child shares its parent's folder, and only the process that made it removes
+    it, in exit hooks that SIGKILL skips. Read from multiprocessing's own record of that
+    hook; None if the record is not as expected.
+    """
+    folder = mp_process.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
+    if not folder:
+        return None
+    hooks = list(getattr(mp_util, "_finalizer_registry", {}).values())
+    if any(
+        getattr(h, "_pid", None) == os.getpid() and folder in (getattr(h, "_args", None) or ()) for h in hooks
+    ):
+        return str(folder)
+    return None
 
 
 def pid_alive(pid: int) -> bool:

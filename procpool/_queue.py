@@ -37,7 +37,7 @@ from ._companions import Companions
 from ._containment import kill_tree
 from ._dispatch import Dispatcher
 from ._memory import Sampler
-from ._process import guard_owner, kill_worker_groups
+from ._process import guard_owner, kill_worker_groups, process_ended
 
 __all__ = ("STOP", "QueueManager", "TaskQueue", "TaskQueueProxy", "connect_queue")
 
@@ -237,8 +237,13 @@ def init_manager(
     companion: bytes | None,
     cgroup_root: str | None,
     authkey: bytes,
+    owner_folder: str | None = None,
 ) -> None:
-    """Initializer run in the manager process before it serves."""
+    """Initializer run in the manager process before it serves.
+
+    ``owner_folder``: the caller's own multiprocessing folder (under forkserver, the fork
+    server's socket is there), removed here once the caller is dead.
+    """
     global _companions, _dispatcher
     owner_alive = guard_owner(signal.SIGTERM, parent_pid)
     config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
@@ -263,6 +268,8 @@ def init_manager(
         tempdir = config.get("tempdir")
         if tempdir and tempdir != inherited:
             shutil.rmtree(tempdir, ignore_errors=True)
+        if owner_folder and process_ended(parent_pid):  # a SIGTERM alone must not take it
+            shutil.rmtree(owner_folder, ignore_errors=True)
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_parent_death)

@@ -41,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -56,7 +57,7 @@ from ._manager_link import ManagerLink
 from ._metrics import MetricsBlock
 from ._outbox import Outbox
 from ._payload import loads_gently
-from ._process import own, remove_sockets
+from ._process import own, own_temp_dir, remove_sockets
 from ._queue import QueueManager, TaskQueueProxy, init_manager
 from ._remote.hosts import RemoteHost
 from ._remote.slots import RemoteSlots, backoff
@@ -291,9 +292,11 @@ class Supervisor(threading.Thread):
         self.manager = QueueManager(authkey=setup.authkey, ctx=self.cfg.context)
         jails = self.workers.jails
         root = None if jails.root is None else str(jails.root)
+        if self.cfg.context.get_start_method() == "forkserver":
+            mp_util.get_temp_dir()  # where the fork server's socket goes: made here, so known as ours
         args = (
             os.getpid(), setup.metrics.name, self.cfg.memory_sample_interval, setup.companion, root,
-            setup.authkey,
+            setup.authkey, own_temp_dir(),
         )  # fmt: skip
         self.manager.start(init_manager, args)
         own(self.manager._process)  # type: ignore[attr-defined]

@@ -78,7 +78,7 @@ def test_a_dead_manager_fails_waiting_calls_promptly(executor: DistributedExecut
 
 
 CALLER = """
-import json, os, sys, time
+import json, multiprocessing, os, sys, time
 sys.path.insert(0, {tests!r})
 import faults
 from procpool import DistributedExecutor, TaskStatus
@@ -90,7 +90,8 @@ if __name__ == "__main__":
   stats = ex.get_stats()
   pids = [w["pid"] for w in stats["workers"].values()] + [ex._supervisor.manager._process.pid]
   address = ex._supervisor.dispatch_address  # a socket in the manager's own folder
-  print(json.dumps({{"pids": pids, "block": ex.metrics_block, "socket": address}}), flush=True)
+  own = multiprocessing.current_process()._config.get("tempdir")  # the fork server's socket is there
+  print(json.dumps({{"pids": pids, "block": ex.metrics_block, "socket": address, "own": own}}), flush=True)
   time.sleep(3600)
 """
 
@@ -114,6 +115,8 @@ def test_nothing_outlives_a_caller_killed_with_sigkill(tmp_path: Path, method: s
         assert wait_until(lambda: not block.exists(), 10), "the metrics block outlived its owner"
         sockets = Path(info["socket"]).parent
         assert wait_until(lambda: not sockets.exists(), 10), "the manager's sockets outlived it"
+        if method == "forkserver":  # the caller's own folder, where the fork server's socket was
+            assert info["own"] and wait_until(lambda: not Path(info["own"]).exists(), 10)
     finally:
         end_process(caller)
 
