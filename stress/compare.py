@@ -22,7 +22,7 @@ import pebble
 
 from procpool import DistributedExecutor
 
-from . import browsers, pertask, tasks
+from . import browsers, floor, pertask, tasks
 from .common import OUT, call_cost_us, conclude, percentile, say, table
 from .plot import plot_ratios
 
@@ -136,12 +136,7 @@ def throughput(n: int, batched: bool) -> dict[str, Any]:
         out["ProcessPoolExecutor"] = _rate(n, lambda: _futures_run(ppe, n, batched))
     with FORK.Pool(WORKERS) as pool:
         pool.map(tasks.noop_arg, range(100))
-        if batched:
-            out["multiprocessing.Pool"] = _rate(n, lambda: pool.map(tasks.noop_arg, range(n), chunksize=1))
-        else:
-            out["multiprocessing.Pool"] = _rate(
-                n, lambda: [r.get() for r in [pool.apply_async(tasks.noop) for _ in range(n)]]
-            )
+        out["multiprocessing.Pool"] = _rate(n, lambda: floor.pool_run(pool, n, batched))
     out.update(_optional_peers(n, batched))
     return out
 

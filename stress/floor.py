@@ -68,15 +68,7 @@ def run(args: argparse.Namespace) -> int:
         figures[how] = figure
         ratio = f"{figure['procpool'] / figure['floor']:.2f}x"
         rows.append([how, *(round(v) for v in figure.values()), ratio])
-    header = [
-        "tasks/s",
-        "floor",
-        "floor with started",
-        "procpool",
-        "multiprocessing.Pool",
-        "procpool / floor",
-    ]
-    shown = table(header, rows)
+    shown = table(["tasks/s", *figures["batched"], "procpool / floor"], rows)
     say("measuring submit -> start ...")
     starts = {
         "floor": start_floor(args.starts, direct=False),
@@ -113,12 +105,17 @@ def pool_rate(n: int, batched: bool) -> float:
     with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
         pool.map(tasks.noop_arg, range(100))
         start = time.perf_counter()
-        if batched:
-            pool.map(tasks.noop_arg, range(n), chunksize=1)
-        else:
-            for result in [pool.apply_async(tasks.noop) for _ in range(n)]:
-                result.get()
+        pool_run(pool, n, batched)
         return n / (time.perf_counter() - start)
+
+
+def pool_run(pool: Any, n: int, batched: bool) -> None:
+    """``n`` no-ops in a ``multiprocessing.Pool``: one ``map(chunksize=1)``, or ``apply_async`` each."""
+    if batched:
+        pool.map(tasks.noop_arg, range(n), chunksize=1)
+    else:
+        for result in [pool.apply_async(tasks.noop) for _ in range(n)]:
+            result.get()
 
 
 def start_floor(samples: int, direct: bool) -> float:
@@ -134,26 +131,24 @@ def start_floor(samples: int, direct: bool) -> float:
         pids.append(_fork(_work, line[0].fileno(), result[0].fileno(), False))
     try:
         replies = {result[1].fileno(): Inbox(result[1].fileno()) for result in results}
-        # direct: by each worker's result fd, its line (the caller reads its "ready" there)
-        asks = {res[1].fileno(): line[1].fileno() for line, res in zip(lines, results, strict=True)}
-        asks = asks if direct else {}
-        inboxes = {fd: {line: Inbox(line)} for fd, line in asks.items()}
-        for inbox in inboxes.values():
-            _next_reply(inbox)  # each worker's first "ready"
-        idle = list(asks)
+        # direct: the caller hands every task to the first worker and reads its "ready" itself
+        line = lines[0][1].fileno()
+        asks = {line: Inbox(line)} if direct else {}
+        if direct:
+            _next_reply(asks)  # its first "ready"
         payload = pickle.dumps(tasks.started_at)
         times = []
         for i in range(samples):
             time.sleep(0.002)  # idle again: both workers wait for work
             before = time.monotonic()
             if direct:
-                _write_all(asks[idle[0]], framed(pickle.dumps((f"task-{i}", payload))))
+                _write_all(line, framed(pickle.dumps((f"task-{i}", payload))))
             else:
                 _write_all(channel[0].fileno(), framed(pickle.dumps([(2, i, f"task-{i}", payload)])))
-            fd, message = _next_reply(replies)
+            message = _next_reply(replies)[1]
             times.append(pickle.loads(pickle.loads(message)[3]) - before)
             if direct:
-                _next_reply(inboxes[fd])  # its "ready" came before its "done"
+                _next_reply(asks)  # its "ready" came before its "done"
         return statistics.median(times) * 1e6
     finally:
         _end(pids, [channel, *lines, *results])
